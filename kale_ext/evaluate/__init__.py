@@ -1,0 +1,1 @@
+"""Metrics, cross-validation bookkeeping and result tables."""

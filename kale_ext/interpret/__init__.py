@@ -1,0 +1,1 @@
+"""Attribution, gate weights, lead ablation and wave-level attribution."""

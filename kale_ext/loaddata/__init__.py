@@ -1,0 +1,1 @@
+"""Reading ECG records and building datasets: WFDB sources, lead names, caches, label tables."""

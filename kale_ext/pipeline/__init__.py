@@ -1,0 +1,1 @@
+"""Lightning modules that train a model with an objective (pre-training, fine-tuning)."""

@@ -1,0 +1,1 @@
+"""Heads and objectives (ELBO, KL, alignment, focal loss); no eager imports: losses need torch only."""

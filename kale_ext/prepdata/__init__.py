@@ -1,0 +1,1 @@
+"""Transforms of one recording (interpolation, resampling, cleaning, normalisation) and the cache builder."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: the real ECG records beside the checkout and deterministic torch settings."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ECG = REPO_ROOT.parent / "shared" / "data" / "ecg"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def cinc_dir() -> Path:
+    """Folder of 50 real 12-lead WFDB records (../shared/data/ecg/cinc2021); skips when absent."""
+    path = SHARED_ECG / "cinc2021"
+    if not path.is_dir() or not any(path.glob("*.hea")):
+        pytest.skip("real ECG records not found at ../shared/data/ecg/cinc2021")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Seed torch for every test and keep CPU threads modest (CI has 2 cores)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    yield
