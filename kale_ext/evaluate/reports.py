@@ -1,0 +1,360 @@
+"""Writers of the evaluation outputs: ``metrics.json``, ``predictions.csv``, result tables and the ROC figure.
+
+Every writer that can hold synthetic-data results takes an explicit ``synthetic`` flag and says so in
+its output, so that a pipeline check on generated data can never be mistaken for a clinical result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kale_ext.evaluate.metrics import METRIC_NAMES, auroc, bootstrap_cis, summarise_folds
+
+logger = logging.getLogger(__name__)
+
+#: Columns every ``predictions.csv`` holds (one row per subject); a record id column is added when known.
+PREDICTION_COLUMNS: tuple[str, ...] = ("subject_id", "label", "probability", "fold", "threshold", "prediction")
+#: Metrics shown in the Table-2-style results, with their column titles.
+TABLE_METRICS: dict[str, str] = {"accuracy": "Accuracy", "auroc": "AUROC", "mcc": "MCC"}
+SYNTHETIC_WARNING = "> **Synthetic data: these numbers are pipeline checks on generated ECGs, not clinical results.**"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain-Python copy of ``value`` for JSON: numpy scalars/arrays unwrapped, nan/inf written as null."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def summary_with_ci(
+    fold_metrics: Sequence[Mapping[str, float]],
+    y_true,
+    prob,
+    threshold: float | Sequence[float] | np.ndarray = 0.5,
+    metrics: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    groups: Sequence | np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Fold mean and std of each metric plus a bootstrap CI on the pooled out-of-fold predictions.
+
+    Args:
+        fold_metrics: one ``{metric: value}`` dict per fold (from ``binary_metrics`` on each test fold).
+        y_true: pooled out-of-fold labels, shape (N,), one row per subject.
+        prob: pooled out-of-fold positive-class probabilities, shape (N,).
+        threshold: one number or per-sample thresholds, shape (N,) (each fold's own threshold).
+        metrics: metrics to summarise; defaults to those of ``METRIC_NAMES`` present in the folds.
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed.
+        alpha: 1 - confidence level; the key stays ``"ci95"`` as in the output schema, so change it knowingly.
+        groups: optional subject id per row when subjects have several rows.
+
+    Returns:
+        ``{metric: {"mean": float, "std": float, "ci95": [lo, hi]}}`` (std is the population std, ddof=0).
+    """
+    fold_summary = summarise_folds(list(fold_metrics))
+    if metrics is None:
+        metrics = [m for m in METRIC_NAMES if m in fold_summary]
+    missing = [m for m in metrics if m not in fold_summary]
+    if missing:
+        raise ValueError(f"metrics {missing} are not in the fold metrics; present are {list(fold_summary)}")
+    cis = bootstrap_cis(y_true, prob, threshold, list(metrics), n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
+    return {m: {**fold_summary[m], "ci95": [cis[m][0], cis[m][1]]} for m in metrics}
+
+
+def write_metrics_json(
+    path: str | Path,
+    *,
+    synthetic: bool,
+    task: str,
+    method: str,
+    leads: Sequence[str],
+    folds: Sequence[Mapping[str, float]],
+    summary: Mapping[str, Mapping[str, Any]],
+    **extra: Any,
+) -> Path:
+    """Write ``metrics.json`` with the schema the project documents.
+
+    Schema: ``{"synthetic": bool, "task": str, "method": str, "leads": [str, ...], "folds": [{metric: x}, ...],
+    "summary": {metric: {"mean": x, "std": x, "ci95": [lo, hi]}}}`` plus any ``extra`` keys (e.g. ``note``).
+    Non-finite numbers are written as ``null`` so the file is strict JSON.
+
+    Args:
+        path: output file.
+        synthetic: True when the data were generated (the flag travels with every result).
+        task: task name, e.g. ``"ph_detection"``.
+        method: method name, e.g. ``"lsemvae"``.
+        leads: names of the leads used.
+        folds: per-fold metrics.
+        summary: from :func:`summary_with_ci`.
+        **extra: additional top-level keys after the schema keys.
+
+    Returns:
+        The path written.
+    """
+    for name, entry in summary.items():
+        absent = {"mean", "std", "ci95"} - set(entry)
+        if absent:
+            raise ValueError(f"summary[{name!r}] lacks {sorted(absent)}; build the summary with summary_with_ci")
+        if len(entry["ci95"]) != 2:
+            raise ValueError(f"summary[{name!r}]['ci95'] must be [lo, hi], got {entry['ci95']!r}")
+    payload: dict[str, Any] = {
+        "synthetic": bool(synthetic),
+        "task": str(task),
+        "method": str(method),
+        "leads": [str(lead) for lead in leads],
+        "folds": [dict(f) for f in folds],
+        "summary": {name: {"mean": e["mean"], "std": e["std"], "ci95": list(e["ci95"])} for name, e in summary.items()},
+    }
+    payload.update(extra)  # keyword-only schema arguments cannot be repeated in extra
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    logger.info("wrote %s", path)
+    return path
+
+
+def predictions_frame(
+    subject_ids: Sequence,
+    labels,
+    probabilities,
+    folds,
+    thresholds,
+    record_ids: Sequence | None = None,
+) -> pd.DataFrame:
+    """Assemble the out-of-fold predictions table, one row per subject.
+
+    Args:
+        subject_ids: subject id per row, shape (N,).
+        labels: binary labels, shape (N,).
+        probabilities: out-of-fold positive-class probabilities, shape (N,).
+        folds: the test fold of each row, shape (N,).
+        thresholds: threshold applied to each row (its fold's), one number or shape (N,).
+        record_ids: optional record id(s) per row; several records of one subject may be joined with ``;``.
+
+    Returns:
+        DataFrame with the columns of :data:`PREDICTION_COLUMNS` (``record_id`` after ``subject_id`` when
+        given); ``prediction = int(probability >= threshold)``.
+    """
+    prob = np.asarray(probabilities, dtype=np.float64)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), prob.shape)
+    data = {"subject_id": list(subject_ids)}
+    if record_ids is not None:
+        data["record_id"] = list(record_ids)
+    data.update(
+        {
+            "label": np.asarray(labels).astype(np.int64),
+            "probability": prob,
+            "fold": np.asarray(folds).astype(np.int64),
+            "threshold": thr,
+            "prediction": (prob >= thr).astype(np.int64),
+        }
+    )
+    return pd.DataFrame(data)
+
+
+def write_predictions_csv(path: str | Path, df: pd.DataFrame) -> Path:
+    """Write ``predictions.csv`` after checking it holds one row per subject and the required columns.
+
+    Args:
+        path: output file.
+        df: table with the columns of :data:`PREDICTION_COLUMNS` and optionally ``record_id``/``record_ids``
+            (see :func:`predictions_frame`); other columns are kept after them.
+
+    Returns:
+        The path written.
+    """
+    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"predictions table lacks columns {missing}; build it with predictions_frame")
+    duplicated = df["subject_id"][df["subject_id"].duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(
+            f"subjects {duplicated[:5]} appear in several rows; aggregate record-level probabilities per subject "
+            "(e.g. their mean) before writing"
+        )
+    record_cols = [c for c in ("record_id", "record_ids") if c in df.columns]
+    first = ["subject_id", *record_cols, *PREDICTION_COLUMNS[1:]]
+    ordered = df[first + [c for c in df.columns if c not in first]]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered.to_csv(path, index=False)
+    logger.info("wrote %s (%d subjects)", path, len(ordered))
+    return path
+
+
+def _lead_setting(leads: str | Sequence[str]) -> str:
+    if isinstance(leads, str):
+        return leads
+    return f"{len(leads)}L"
+
+
+def results_row(method: str, leads: str | Sequence[str], summary: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One row of the comparison table from a metrics summary.
+
+    Args:
+        method: method name shown in the table.
+        leads: lead setting label (``"6L"``) or the lead names (labelled by their count, e.g. ``"12L"``).
+        summary: ``{metric: {"mean", "std", "ci95"?}}`` from :func:`summary_with_ci` or a metrics.json.
+
+    Returns:
+        ``{"method", "leads", "<metric>_mean", "<metric>_std", "<metric>_ci95_lo", "<metric>_ci95_hi", ...}``
+        for every metric in the summary (CI entries only when present).
+    """
+    row: dict[str, Any] = {"method": str(method), "leads": _lead_setting(leads)}
+    for name, entry in summary.items():
+        row[f"{name}_mean"] = entry.get("mean")
+        row[f"{name}_std"] = entry.get("std")
+        if entry.get("ci95") is not None:
+            row[f"{name}_ci95_lo"], row[f"{name}_ci95_hi"] = entry["ci95"]
+    return row
+
+
+def _cell(mean: Any, std: Any, digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    text = f"{float(mean):.{digits}f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f" +- {float(std):.{digits}f}"
+    return text
+
+
+def write_results_table(
+    rows: Sequence[Mapping[str, Any]],
+    md_path: str | Path,
+    csv_path: str | Path,
+    title: str,
+    synthetic: bool,
+    digits: int = 3,
+) -> tuple[Path, Path]:
+    """Write a Table-2-style Markdown comparison and its CSV.
+
+    Markdown: one row per method (order of first appearance), and for each lead setting (order of first
+    appearance) the columns Accuracy, AUROC and MCC as ``"mean +- std"``; ``n/a`` where a method was not
+    run in a setting. When ``synthetic`` the file starts with a line saying these are synthetic pipeline
+    checks, not clinical results. The CSV holds every row of ``rows`` as given, plus a ``synthetic`` column.
+
+    Args:
+        rows: dicts from :func:`results_row`.
+        md_path: Markdown output.
+        csv_path: CSV output.
+        title: table title (a Markdown heading).
+        synthetic: whether the results come from generated data.
+        digits: decimals shown in the Markdown.
+
+    Returns:
+        ``(md_path, csv_path)``.
+    """
+    if not rows:
+        raise ValueError("no result rows to write; run at least one configuration first")
+    methods: list[str] = []
+    settings: list[str] = []
+    cells: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for row in rows:
+        method, setting = str(row["method"]), str(row["leads"])
+        if method not in methods:
+            methods.append(method)
+        if setting not in settings:
+            settings.append(setting)
+        if (method, setting) in cells:
+            logger.warning("results for %s %s given twice; the last one is shown", method, setting)
+        cells[(method, setting)] = row
+
+    lines = []
+    if synthetic:
+        lines += [SYNTHETIC_WARNING, ""]
+    lines += [f"## {title}", ""]
+    header = ["Method"] + [f"{s} {label}" for s in settings for label in TABLE_METRICS.values()]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    for method in methods:
+        values = [method]
+        for setting in settings:
+            row = cells.get((method, setting), {})
+            for metric in TABLE_METRICS:
+                values.append(_cell(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits))
+        lines.append("| " + " | ".join(values) + " |")
+    lines += ["", "Values are mean +- std (population, ddof=0) over cross-validation folds."]
+
+    md_path, csv_path = Path(md_path), Path(csv_path)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table = pd.DataFrame([dict(r) for r in rows])
+    table.insert(0, "synthetic", bool(synthetic))
+    table.to_csv(csv_path, index=False)
+    logger.info("wrote %s and %s (%d rows)", md_path, csv_path, len(rows))
+    return md_path, csv_path
+
+
+def plot_roc(y_true, prob, folds, path: str | Path, title: str = "ROC curve") -> Path:
+    """Save a PNG of the per-fold ROC curves and the pooled out-of-fold curve, AUROC in the legend.
+
+    Matplotlib is imported here and drawn through its Agg canvas, so no display and no global backend
+    switch is needed.
+
+    Args:
+        y_true: binary labels, shape (N,).
+        prob: out-of-fold positive-class probabilities, shape (N,).
+        folds: test fold per sample, shape (N,); folds holding one class are drawn without a curve.
+        path: output PNG.
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    f = np.asarray(folds).ravel()
+    if not (len(y) == len(p) == len(f)):
+        raise ValueError(f"y_true, prob and folds must have equal lengths, got {len(y)}, {len(p)}, {len(f)}")
+
+    fig = Figure(figsize=(5.0, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    for k in np.unique(f):
+        sel = f == k
+        if 0 < y[sel].sum() < sel.sum():
+            fpr, tpr, _ = roc_curve(y[sel], p[sel])
+            ax.plot(fpr, tpr, linewidth=1, alpha=0.6, label=f"fold {k} (AUROC {auroc(y[sel], p[sel]):.3f})")
+        else:
+            logger.warning("fold %s holds one class; its ROC curve is not drawn", k)
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, color="black", linewidth=2.5, label=f"pooled (AUROC {auroc(y, p):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("False positive rate (1 - specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    logger.info("wrote %s", path)
+    return path

@@ -1,0 +1,205 @@
+"""Classification heads and the frozen-encoder classifier used for fine-tuning and interpretation.
+
+The fine-tuning recipe of LS-EMVAE (arXiv 2503.13470): the pre-trained multimodal VAE is frozen, its
+latent features feed a two-layer head (128 hidden units, dropout 0.5). Features are either the
+concatenated per-lead posterior means of the leads in use (what the authors' code does) or the fused
+posterior mean through the lead mask (an option).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+FEATURE_MODES = ("concat_means", "fused_mean")
+
+
+class ClassificationHead(nn.Module):
+    """Two fully connected layers: Linear -> ReLU -> Dropout -> Linear (the paper's fine-tuning head).
+
+    Args:
+        in_features: feature size F.
+        num_classes: number of logits C (2 for the binary tasks, as in the authors' code).
+        hidden_dim: hidden units (128 in the paper).
+        dropout: dropout probability (0.5 in the paper).
+    """
+
+    def __init__(self, in_features: int, num_classes: int = 2, hidden_dim: int = 128, dropout: float = 0.5):
+        super().__init__()
+        if in_features < 1 or num_classes < 1 or hidden_dim < 1:
+            raise ValueError(
+                f"in_features, num_classes and hidden_dim must be positive, got {in_features}, {num_classes}, "
+                f"{hidden_dim}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from features.
+
+        Args:
+            features: (batch, in_features).
+
+        Returns:
+            logits: (batch, num_classes).
+        """
+        return self.net(features)
+
+
+class LatentFeatureExtractor(nn.Module):
+    """Latent features of a multimodal VAE for the leads in use.
+
+    The wrapped model must provide ``encode(x, leads=...) -> (mean (L,B,D), log_var (L,B,D), mask (L,B))``
+    over its ``lead_names`` and ``fuse(mean, log_var, mask) -> FusionOutput`` with ``.mean`` (B, D), as
+    ``kale_ext.embed.multimodal_vae.MultimodalVAE`` does.
+
+    Args:
+        vae: the (pre-trained) multimodal VAE.
+        leads: names of the channels of the input, in input order (a subset of ``vae.lead_names``).
+        mode: ``"concat_means"``: the posterior means of ``leads`` concatenated in ``leads`` order,
+            F = len(leads) * D; a lead marked absent in the mask contributes zeros. ``"fused_mean"``:
+            the fused posterior mean through the lead mask, F = D.
+
+    A model with one joint encoder over all leads (``vae.joint`` True, e.g. the beta-VAE baseline) has a
+    single expert: both modes then give its posterior mean, F = D. When the model's ``encode`` accepts a
+    ``mask`` argument the lead mask is passed on, so absent channels never reach the encoders.
+    """
+
+    def __init__(self, vae: nn.Module, leads: Sequence[str], mode: str = "concat_means"):
+        super().__init__()
+        if mode not in FEATURE_MODES:
+            raise ValueError(f"unknown feature mode {mode!r}; use one of {list(FEATURE_MODES)}")
+        model_leads = getattr(vae, "lead_names", None)
+        if model_leads is None:
+            raise ValueError("the model has no lead_names attribute; wrap a MultimodalVAE (or set lead_names)")
+        leads = tuple(str(lead) for lead in leads)
+        unknown = [lead for lead in leads if lead not in model_leads]
+        if unknown:
+            raise ValueError(
+                f"leads {unknown} are not among the model's leads {list(model_leads)}; rename or drop them"
+            )
+        if len(set(leads)) != len(leads):
+            raise ValueError(f"leads {list(leads)} contain duplicates")
+        self.vae = vae
+        self.leads = leads
+        self.mode = mode
+        # Position of each input lead among the model's leads: leads are matched by name, never by position.
+        self.register_buffer(
+            "_lead_index",
+            torch.tensor([list(model_leads).index(lead) for lead in leads], dtype=torch.long),
+            persistent=False,
+        )
+        self.joint = bool(getattr(vae, "joint", False))
+        self._encode_takes_mask = "mask" in inspect.signature(vae.encode).parameters
+        latent_dim = getattr(vae, "latent_dim", None)
+        per_lead = mode == "concat_means" and not self.joint
+        self.out_features = None if latent_dim is None else (len(leads) * latent_dim if per_lead else latent_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of a batch.
+
+        Args:
+            x: (batch, len(leads), time), channels named by ``self.leads``.
+            mask: (batch, len(leads)) bool, True = lead present; None = all present.
+
+        Returns:
+            features: (batch, F) with F = len(leads) * latent for ``concat_means``, latent for ``fused_mean``.
+        """
+        if x.dim() != 3 or x.shape[1] != len(self.leads):
+            raise ValueError(
+                f"x must be (batch, {len(self.leads)} leads {list(self.leads)}, time), got {tuple(x.shape)}"
+            )
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must be (batch, leads) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if mask is not None and self._encode_takes_mask:
+            mean, log_var, enc_mask = self.vae.encode(x, leads=self.leads, mask=mask.bool())
+        else:
+            if mask is not None:  # absent channels may hold anything (NaN included): keep it out of the encoders
+                x = torch.where(mask.bool().unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            mean, log_var, enc_mask = self.vae.encode(x, leads=self.leads)  # (E, B, D), (E, B, D), (E, B)
+        present = enc_mask.bool()
+        if self.joint:  # one expert over all leads, which has already seen the mask
+            return torch.where(present[0].unsqueeze(-1), mean[0], torch.zeros_like(mean[0]))
+        if mask is not None:
+            given = torch.zeros_like(present)
+            given[self._lead_index] = mask.t().bool().to(present.device)
+            present = present & given
+        if self.mode == "fused_mean":
+            return self.vae.fuse(mean, log_var, present).mean
+        means = mean[self._lead_index]  # (len(leads), B, D) in the order of self.leads
+        keep = present[self._lead_index].unsqueeze(-1)  # (len(leads), B, 1)
+        # torch.where, not multiplication: placeholder values of absent leads may be non-finite.
+        means = torch.where(keep, means, torch.zeros_like(means))
+        return means.permute(1, 0, 2).reshape(means.shape[1], -1)
+
+
+class FeatureClassifier(nn.Module):
+    """Feature extractor followed by a head: ``forward(x, mask) -> logits``.
+
+    This is the module that fine-tuning trains (the head only, by default) and that attribution methods
+    differentiate through to the input signals: the extractor's parameters are frozen but gradients
+    still flow through it to ``x``.
+
+    Args:
+        extractor: module mapping ``(x (B,L,T), mask (B,L) | None)`` to features (B, F), e.g.
+            :class:`LatentFeatureExtractor`.
+        head: module mapping features (B, F) to logits (B, C), e.g. :class:`ClassificationHead`.
+        freeze_extractor: when True the extractor stays in eval mode (also under ``train()``) and its
+            parameters have ``requires_grad=False``.
+    """
+
+    def __init__(self, extractor: nn.Module, head: nn.Module, freeze_extractor: bool = True):
+        super().__init__()
+        self.extractor = extractor
+        self.head = head
+        self.freeze_extractor = freeze_extractor
+        if freeze_extractor:
+            self.extractor.requires_grad_(False)
+            self.extractor.eval()
+
+    def train(self, mode: bool = True) -> FeatureClassifier:
+        """Set training mode; a frozen extractor stays in eval mode (no dropout, fixed normalisation)."""
+        super().train(mode)
+        if self.freeze_extractor:
+            self.extractor.eval()
+        return self
+
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Extractor output, for precomputing features once per fold.
+
+        Computed without autograd when the extractor is frozen (use :meth:`forward` to differentiate).
+
+        Args:
+            x: (batch, leads, time).
+            mask: (batch, leads) bool or None.
+
+        Returns:
+            features: (batch, F).
+        """
+        if self.freeze_extractor:
+            with torch.no_grad():
+                return self.extractor(x, mask)
+        return self.extractor(x, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a batch.
+
+        Args:
+            x: (batch, leads, time).
+            mask: (batch, leads) bool, True = present, or None.
+
+        Returns:
+            logits: (batch, num_classes).
+        """
+        return self.head(self.extractor(x, mask))
