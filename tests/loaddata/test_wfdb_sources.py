@@ -1,0 +1,99 @@
+"""Tests of kale_ext.loaddata.wfdb_sources: source detection, listing and reading records by name."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import wfdb
+
+from kale_ext.loaddata.leads import match_channels
+from kale_ext.loaddata.wfdb_sources import (
+    detect_source_kind,
+    list_records,
+    parse_header_comments,
+    read_record,
+)
+
+
+def _write(folder, name, signals, names, fs=100, units="mV", comments=None, gain=200.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(
+        name,
+        fs=fs,
+        units=[units] * len(names),
+        sig_name=list(names),
+        p_signal=signals.T,
+        fmt=["16"] * len(names),
+        adc_gain=[gain] * len(names),
+        baseline=[0] * len(names),
+        comments=comments or [],
+        write_dir=str(folder),
+    )
+
+
+def test_header_tree_keeps_comments(tmp_path):
+    sig = np.random.default_rng(0).normal(size=(2, 50)) * 0.5
+    _write(tmp_path / "a", "r1", sig, ["I", "II"], comments=["Age: 61", "Dx: 426783006,59118001"])
+    _write(tmp_path / "b", "r0", sig, ["I", "II"])
+    assert detect_source_kind(tmp_path) == "header_tree"
+    refs = list_records(tmp_path)
+    assert [r.record_id for r in refs] == ["a/r1", "b/r0"]
+    assert refs[0].subject_id == "a/r1"
+    raw = read_record(refs[0].path)
+    assert raw.comments == {"Age": "61", "Dx": "426783006,59118001"}
+    np.testing.assert_allclose(raw.signals, sig, atol=0.5 / 200 + 1e-9)
+
+
+def test_record_list_and_manifest(tmp_path):
+    sig = np.ones((1, 20)) * 0.25
+    _write(tmp_path / "files" / "p1" / "s7", "7", sig, ["V1"])
+    pd.DataFrame({"subject_id": [11], "study_id": [7], "path": ["files/p1/s7/7"], "ecg_time": ["t0"]}).to_csv(
+        tmp_path / "record_list.csv", index=False
+    )
+    assert detect_source_kind(tmp_path) == "record_list"
+    (ref,) = list_records(tmp_path)
+    assert (ref.record_id, ref.subject_id, ref.source_path) == ("7", "11", "files/p1/s7/7")
+    assert ref.metadata == {"ecg_time": "t0"}
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": ["files/p1/s7/7.hea"], "label": [1]}).to_csv(manifest, index=False)
+    assert detect_source_kind(manifest) == "manifest"
+    (mref,) = list_records(manifest)
+    assert mref.record_id == "files/p1/s7/7" and mref.metadata == {"label": "1"}
+    np.testing.assert_allclose(read_record(mref.path).signals, sig)
+
+
+def test_units_are_converted_to_mv(tmp_path):
+    _write(tmp_path, "u", np.full((1, 10), 500.0), ["I"], units="uV", gain=1.0)
+    np.testing.assert_allclose(read_record(tmp_path / "u.hea").signals, 0.5)
+
+
+def test_bad_sources_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        detect_source_kind(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no record_list.csv"):
+        detect_source_kind(tmp_path)
+    bad = tmp_path / "m.csv"
+    pd.DataFrame({"file": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="'path' column"):
+        list_records(bad)
+
+
+def test_parse_header_comments():
+    assert parse_header_comments(["Age: 3", "free text", "# Sex: F"]) == {"Age": "3", "Sex": "F"}
+
+
+def test_real_records_read_by_name_with_small_einthoven_residual(cinc_dir):
+    refs = list_records(cinc_dir)
+    assert len(refs) == 50
+    worst = 0.0
+    for ref in refs[::5]:
+        raw = read_record(ref.path)
+        slots = match_channels(raw.channel_names)
+        assert len(slots) == 12 and raw.fs == 500 and raw.signals.shape == (12, 5000)
+        assert "Dx" in raw.comments
+        lead = {name: raw.signals[k] for name, k in slots.items()}
+        scale = np.std(lead["II"]) + np.std(lead["I"])
+        worst = max(worst, np.sqrt(np.mean((lead["III"] - (lead["II"] - lead["I"])) ** 2)) / scale)
+        # Goldberger: aVF = II - I/2 from the named channels (a position swap of aVL/aVF would break it)
+        gold = np.sqrt(np.mean((lead["aVF"] - (lead["II"] - lead["I"] / 2)) ** 2)) / scale
+        assert gold < 0.05
+    assert worst < 0.02
