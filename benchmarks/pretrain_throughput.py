@@ -1,0 +1,227 @@
+"""Pre-training throughput: the authors' per-lead loop against the batched LSEMVAE, in one process.
+
+One full pre-training step = forward, negative ELBO + alignment loss, backward, AdamW step; bf16 autocast on a GPU,
+float32 on the CPU. Variants:
+
+- ``loop``: 12 ``kale.embed.signal_cnn.SignalVAEEncoder`` modules called one after another, the authors' grouped
+  fusion (HiME ``mode="reference"``) and a decoder without lead input called once per lead (as the authors' code).
+- ``lsemvae:<impl>``: :class:`kale_ext.embed.lsemvae.LSEMVAE` (gated HiME, lead-conditioned shared decoder: 12
+  real decodes) with ``conv_impl`` ``conv`` (grouped Conv1d / ConvTranspose1d), ``conv2d`` (height-1
+  channels-last Conv2d) or ``matmul`` (channels-last batched matmuls).
+- ``identical:<impl>``: LSEMVAE's batched encoders with the authors' identical decoder (decoded once).
+
+Prints samples/s per variant, the ratio of each to ``loop``, peak GPU memory, and a final JSON line. Warm-up steps
+are excluded from timing; CUDA is synchronised around the timed steps. A variant that fails (e.g. a compiler error)
+is reported and the others still run. Needs pykale (the ``loop`` variant uses its encoder). Measured figures and
+their reading: docs/models.md.
+
+Usage::
+
+    python benchmarks/pretrain_throughput.py                     # paper size, batch 1024, default variants
+    python benchmarks/pretrain_throughput.py --compile            # torch.compile every model
+    python benchmarks/pretrain_throughput.py --small              # tiny size on the CPU (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kale_ext.embed.fusion import HierarchicalModalityExperts  # noqa: E402
+from kale_ext.embed.lsemvae import LSEMVAE  # noqa: E402
+from kale_ext.embed.signal_cnn import SharedLeadDecoder  # noqa: E402
+from kale_ext.predict.losses import alignment_loss, multimodal_elbo  # noqa: E402
+
+
+class PerLeadLoopVAE(nn.Module):
+    """The authors' execution pattern: one PyKale encoder per lead in a loop, one decoder called once per lead."""
+
+    def __init__(self, num_leads: int, input_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        from kale.embed.signal_cnn import SignalVAEEncoder
+
+        self.encoders = nn.ModuleList(
+            SignalVAEEncoder(input_dim=input_dim, latent_dim=latent_dim) for _ in range(num_leads)
+        )
+        self.fusion = HierarchicalModalityExperts(num_leads, latent_dim, mode="reference")
+        self.decoder = SharedLeadDecoder(1, input_dim, latent_dim, mode="identical")
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, L, T) -> (recon (B, L, T), FusionOutput)."""
+        outs = [enc(x[:, i : i + 1]) for i, enc in enumerate(self.encoders)]
+        mean = torch.stack([m.float() for m, _ in outs])
+        log_var = torch.stack([v.float() for _, v in outs])
+        fused = self.fusion(mean, log_var)
+        z = fused.mean + torch.exp(0.5 * fused.log_var) * torch.randn_like(fused.mean)
+        recon = torch.cat([self.decoder(z) for _ in self.encoders], dim=1)
+        return recon, fused
+
+
+class _LSEMVAEStep(nn.Module):
+    """Adapter giving LSEMVAE the same (recon, fusion) output as the loop model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, L, T) -> (recon, FusionOutput)."""
+        out = self.model(x, sample=True)
+        return out.recon, out.fusion
+
+
+def build(variant: str, leads: int, input_dim: int, latent_dim: int) -> nn.Module:
+    """Build the model of a variant name (``loop``, ``lsemvae:<impl>``, ``identical:<impl>``)."""
+    kind, _, impl = variant.partition(":")
+    names = [f"L{i}" for i in range(leads)]
+    if kind == "loop":
+        return PerLeadLoopVAE(leads, input_dim, latent_dim)
+    if kind == "lsemvae":
+        return _LSEMVAEStep(LSEMVAE(names, input_dim, latent_dim, conv_impl=impl or "conv"))
+    if kind == "identical":
+        return _LSEMVAEStep(LSEMVAE(names, input_dim, latent_dim, decoder_mode="identical", conv_impl=impl or "conv"))
+    raise SystemExit(f"unknown variant {variant!r}; use loop, lsemvae:conv, lsemvae:matmul, identical:conv, ...")
+
+
+def run_variant(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time ``args.steps`` training steps of one variant after ``args.warmup`` untimed ones."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build(variant, args.leads, args.input_dim, args.latent_dim)
+    params = sum(p.numel() for p in model.parameters())
+    step_model = torch.compile(model) if args.compile else model
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    x = torch.randn(args.batch, args.leads, args.input_dim, device=device)
+    use_autocast = device.type == "cuda" and not args.fp32
+
+    def step() -> torch.Tensor:
+        optimiser.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            recon, fused = step_model(x)
+        terms = multimodal_elbo(recon, x, fused.mean, fused.log_var, beta=1.0)
+        loss = terms.total + alignment_loss(fused.expert_mean, fused.mean, fused.expert_mask)
+        loss.backward()
+        optimiser.step()
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    result = {
+        "variant": variant,
+        "samples_per_s": args.batch * args.steps / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "peak_gib": peak,
+        "parameters": params,
+        "loss": float(loss.detach()),
+    }
+    if args.profile:
+        _profile(step, device)
+    return result
+
+
+def _profile(step, device: torch.device, rows: int = 15) -> None:
+    """Print the kernels that take the most time over two steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse options, run the variants, print the table and a final JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of each variant")
+    parser.add_argument("--small", action="store_true", help="tiny sizes on the CPU (a smoke run for the tests)")
+    parser.add_argument("--leads", type=int, default=12)
+    parser.add_argument("--input-dim", type=int, default=5000)
+    parser.add_argument("--latent-dim", type=int, default=256)
+    parser.add_argument(
+        "--variants",
+        default="loop,lsemvae:conv,lsemvae:conv2d,lsemvae:matmul,identical:conv",
+        help="comma list: loop, lsemvae:<impl>, identical:<impl>; impl = conv, conv2d or matmul",
+    )
+    args = parser.parse_args(argv)
+    if args.small:
+        args.batch, args.input_dim, args.latent_dim = min(args.batch, 8), 64, 8
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.device = "cpu" if args.device == "auto" else args.device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(
+        f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+        f"torch={torch.__version__} batch={args.batch} T={args.input_dim} D={args.latent_dim} leads={args.leads} "
+        f"compile={args.compile} autocast={'bf16' if device.type == 'cuda' and not args.fp32 else 'off'}",
+        flush=True,
+    )
+    results = []
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        try:
+            res = run_variant(variant, args, device)
+        except Exception as error:  # one failing variant (e.g. a compiler bug) must not lose the others' figures
+            print(f"{variant:>16}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            results.append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:500]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results.append(res)
+        print(
+            f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s  {res['step_ms']:9.2f} ms/step  "
+            f"peak {'-' if res['peak_gib'] is None else format(res['peak_gib'], '.2f')} GiB  "
+            f"params {res['parameters']:,}",
+            flush=True,
+        )
+    base = next((r for r in results if r["variant"] == "loop" and "error" not in r), None)
+    if base is not None:
+        for res in (r for r in results if "error" not in r):
+            res["ratio_vs_loop"] = res["samples_per_s"] / base["samples_per_s"]
+            if res is not base:
+                print(f"ratio {res['variant']} / loop = {res['ratio_vs_loop']:.2f}x", flush=True)
+    summary = {"device": str(device), "batch": args.batch, "compile": args.compile, "results": results}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The throughput benchmark runs end to end at a tiny size on the CPU and prints consistent figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain_throughput.py"
+
+
+@pytest.mark.slow
+def test_small_benchmark_prints_samples_per_second_and_ratio():
+    pytest.importorskip("kale.embed.signal_cnn")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--small", "--variants", "loop,lsemvae:conv,lsemvae:matmul"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["device"] == "cpu"
+    results = {r["variant"]: r for r in summary["results"]}
+    assert set(results) == {"loop", "lsemvae:conv", "lsemvae:matmul"}
+    for res in results.values():
+        assert "error" not in res
+        assert res["samples_per_s"] > 0 and res["step_ms"] > 0
+        assert res["loss"] == res["loss"]  # not NaN
+    loop = results["loop"]["samples_per_s"]
+    ratio = results["lsemvae:conv"]["ratio_vs_loop"]
+    assert ratio == pytest.approx(results["lsemvae:conv"]["samples_per_s"] / loop)
+    assert any(line.startswith("ratio lsemvae:conv / loop") for line in lines)
+    # Both LSEMVAE implementations start from the same weights and compute the same maths.
+    assert results["lsemvae:conv"]["loss"] == pytest.approx(results["lsemvae:matmul"]["loss"], rel=1e-4)
