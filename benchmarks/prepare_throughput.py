@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, batch_loader
 from kale_ext.loaddata.synthetic import write_synthetic_cohort
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 
@@ -23,9 +23,14 @@ CACHE_TARGET = 100.0  # records/s per core
 LOADER_TARGET = 20000.0  # samples/s per loader worker
 
 
-def _loader_rate(cache: Path, leads: str, workers: int, batch_size: int, min_samples: int) -> float:
+def _loader_rate(cache: Path, leads: str, workers: int, batch_size: int, min_samples: int, batched: bool) -> float:
     ds = ECGLeadDataset(cache, leads=leads)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    if batched:
+        loader = batch_loader(ds, batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    else:
+        loader = DataLoader(
+            ds, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        )
     for _ in loader:  # warm-up epoch: worker start-up and page cache
         break
     n, start = 0, time.perf_counter()
@@ -73,11 +78,13 @@ def main() -> None:
         for leads in ("12L", "6L"):
             rate = _item_rate(cache, leads, min_samples=2 * n_records)
             rows.append((f"dataset[i] {leads}, no collate", f"{rate:,.0f} samples/s", rate, LOADER_TARGET))
-            for workers in sorted({0, 1, args.workers}):
-                rate = _loader_rate(cache, leads, workers, args.batch_size, min_samples=4 * n_records)
-                per_worker = rate / max(workers, 1)
-                label = f"loader {leads}, {workers} worker(s)"
-                rows.append((label, f"{rate:,.0f} samples/s", per_worker, LOADER_TARGET))
+            for batched in (False, True):
+                for workers in sorted({0, 1, args.workers}):
+                    rate = _loader_rate(cache, leads, workers, args.batch_size, 4 * n_records, batched)
+                    per_worker = rate / max(workers, 1)
+                    kind = "batch_loader" if batched else "DataLoader"
+                    label = f"{kind} {leads}, {workers} worker(s)"
+                    rows.append((label, f"{rate:,.0f} samples/s", per_worker, LOADER_TARGET))
     print(f"\n{'measurement':<34}{'total':>20}{'per core/worker':>18}{'target':>10}{'ratio':>8}")
     for label, total, per, target in rows:
         print(f"{label:<34}{total:>20}{per:>18,.0f}{target:>10,.0f}{per / target:>8.2f}")

@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 
 from kale_ext.loaddata.leads import CANONICAL_LEADS, resolve_leads
 
@@ -246,8 +254,14 @@ class ECGLeadDataset(Dataset):
         """Number of items."""
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Item ``i``: ``signals`` (L, T) float32, ``mask`` (L,) bool, ids and ``label`` when labelled."""
+    def __getitem__(self, i: int | Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Item ``i``: ``signals`` (L, T) float32, ``mask`` (L,) bool, ids and ``label`` when labelled.
+
+        A sequence of positions returns a whole batch at once (``signals`` (n, L, T), ``mask`` (n, L), lists of ids,
+        ``label`` (n,)): see ``batch_loader``, which feeds index batches so that no per-item collation is needed.
+        """
+        if not np.isscalar(i) and not (isinstance(i, torch.Tensor) and i.ndim == 0):
+            return self.get_batch(i)
         row = self._rows[i]
         x = np.asarray(self._store()[row][self._lead_idx], dtype=np.float32)
         item = {
@@ -260,7 +274,76 @@ class ECGLeadDataset(Dataset):
             item["label"] = torch.tensor(self.labels[i], dtype=torch.int64)
         return item
 
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """A batch of items, read straight into one float32 tensor.
+
+        Args:
+            indices: (n,) positions in this dataset.
+
+        Returns:
+            dict with ``signals`` (n, L, T) float32, ``mask`` (n, L) bool, ``record_id`` / ``subject_id`` lists and,
+            with labels, ``label`` (n,) int64. Inside a DataLoader worker the signal tensor is allocated in shared
+            memory, so handing it to the main process costs no extra copy.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        store = self._store()
+        n_leads, length = len(self._lead_idx), store.shape[-1]
+        out = torch.empty((len(idx), n_leads, length), dtype=torch.float32)
+        if get_worker_info() is not None:
+            out.share_memory_()
+        out_np = out.numpy()
+        all_leads = n_leads == store.shape[1] and bool(np.all(self._lead_idx == np.arange(n_leads)))
+        rows = self._rows[idx]
+        for j in np.argsort(rows, kind="stable"):  # ascending rows: sequential reads of the memory map
+            out_np[j] = store[rows[j]] if all_leads else store[rows[j]][self._lead_idx]
+        batch = {
+            "signals": out,
+            "mask": torch.from_numpy(self.masks[idx].copy()),
+            "record_id": self.record_ids[idx].tolist(),
+            "subject_id": self.subject_ids[idx].tolist(),
+        }
+        if self.labels is not None:
+            batch["label"] = torch.from_numpy(self.labels[idx].astype(np.int64))
+        return batch
+
     @property
     def num_samples(self) -> int:
         """Samples per lead (T)."""
         return int(self._store().shape[-1])
+
+
+def batch_loader(
+    dataset: ECGLeadDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    **loader_kwargs: Any,
+) -> DataLoader:
+    """A DataLoader that fetches whole batches from the memory map (``ECGLeadDataset.get_batch``).
+
+    Equivalent to ``DataLoader(dataset, batch_size, shuffle=...)`` in content and order, but each worker reads a batch
+    into one shared tensor instead of building ``batch_size`` items and stacking them, which is what bounds the loader
+    on fast storage.
+
+    Args:
+        dataset: the dataset to read.
+        batch_size: items per batch.
+        shuffle: draw a seeded random order (ignored when ``sampler`` is given).
+        sampler: optional item sampler, e.g. a ``DistributedSampler``.
+        drop_last: drop the last incomplete batch.
+        num_workers: DataLoader worker processes.
+        seed: seed of the shuffling generator.
+        **loader_kwargs: passed on to ``DataLoader`` (``pin_memory``, ``persistent_workers``, ...).
+
+    Returns:
+        a DataLoader yielding batch dicts as described in ``ECGLeadDataset.get_batch``.
+    """
+    if sampler is None:
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, **loader_kwargs)

@@ -9,6 +9,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kale_ext.loaddata.ecg_dataset import (
     ECGLeadDataset,
+    batch_loader,
     detection_label,
     elevated_label,
     label_from_threshold,
@@ -115,3 +116,25 @@ def test_dataloader_workers_and_distributed_sampler(cohort_cache):
         ids = [rid for b in DataLoader(ds, batch_size=2, sampler=sampler) for rid in b["record_id"]]
         assert ids == ds.record_ids[idx].tolist()
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(6))
+
+
+@pytest.mark.parametrize("leads", ["12L", "6L"])
+def test_batch_loader_equals_item_loader(cohort_cache, leads):
+    """Whole-batch reads give the same content and order as per-item reads and default collation."""
+    _, cache = cohort_cache
+    ds = ECGLeadDataset(cache, leads=leads)
+    plain = list(DataLoader(ds, batch_size=4))
+    for workers in (0, 1):
+        fast = list(batch_loader(ds, 4, num_workers=workers))
+        assert len(fast) == len(plain)
+        for a, b in zip(plain, fast):
+            assert torch.equal(a["signals"], b["signals"]) and torch.equal(a["mask"], b["mask"])
+            assert list(a["record_id"]) == b["record_id"]
+    shuffled = list(batch_loader(ds, 4, shuffle=True, seed=3))
+    ids = [rid for b in shuffled for rid in b["record_id"]]
+    assert sorted(ids) == sorted(ds.record_ids.tolist()) and ids == [
+        rid for b in batch_loader(ds, 4, shuffle=True, seed=3) for rid in b["record_id"]
+    ]
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False)
+    ids = [rid for b in batch_loader(ds, 2, sampler=sampler) for rid in b["record_id"]]
+    assert ids == ds.record_ids[list(sampler)].tolist()
