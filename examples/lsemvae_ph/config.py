@@ -1,0 +1,337 @@
+"""Default configuration of the LS-EMVAE pulmonary hypertension example (yacs).
+
+Every key has a comment. YAML files in ``configs/`` override only what they change; trailing ``KEY VALUE`` pairs on
+the command line override both. ``get_cfg_defaults()`` returns a clone, so callers may mutate it freely.
+``validate_cfg(cfg)`` checks every enumerated value before any work starts and names the accepted values.
+
+Clinical thresholds (mPAP 20 mmHg, PAWP 15 mmHg) live here, not in the library.
+"""
+
+from yacs.config import CfgNode
+
+_C = CfgNode()
+
+# Global seed: model initialisation, train/validation split, sampler order, per-epoch reseeding.
+_C.SEED = 42
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+_C.DATASET = CfgNode()
+# Unlabelled pre-training records: a root with record_list.csv, a folder of WFDB headers or a manifest CSV.
+# Empty = the embedded synthetic cohort (generated once under DATASET.SYNTHETIC.DIR).
+_C.DATASET.PRETRAIN_SOURCE = ""
+# Labelled fine-tuning records (same accepted layouts). Empty = the synthetic cohort.
+_C.DATASET.FINETUNE_SOURCE = ""
+# Labels CSV for the fine-tuning records: haemodynamics (subject_id, mPAP, PAWP) or a ready label column.
+_C.DATASET.LABELS_CSV = ""
+# Column of LABELS_CSV that identifies the record owner ("subject_id") or record ("record_id").
+_C.DATASET.LABEL_ID_COLUMN = "subject_id"
+# Ready 0/1 label column in LABELS_CSV; empty = derive the label from TASK.NAME and the thresholds below.
+_C.DATASET.LABEL_COLUMN = ""
+# Where the memory-mapped caches go; empty = <OUTPUT.DIR>/cache.
+_C.DATASET.CACHE_DIR = ""
+# Leads used for fine-tuning and evaluation: "6L" (I, II, III, aVR, aVL, aVF), "12L" or a comma list of names.
+_C.DATASET.LEADS = "12L"
+# Leads used for pre-training (the encoders built); must contain DATASET.LEADS.
+_C.DATASET.PRETRAIN_LEADS = "12L"
+# Sampling frequency every record is resampled to (Hz).
+_C.DATASET.FS = 500
+# Samples per lead after crop/pad (5000 = 10 s at 500 Hz, the paper's input).
+_C.DATASET.INPUT_LENGTH = 5000
+# Cap on pre-training records (0 = all); useful for smoke runs on a large archive.
+_C.DATASET.MAX_PRETRAIN_RECORDS = 0
+# DataLoader worker processes (0 = load in the main process).
+_C.DATASET.NUM_WORKERS = 0
+# Worker processes used to build the caches (0 = all cores).
+_C.DATASET.PREPARE_WORKERS = 0
+
+# The embedded synthetic cohort used when no data paths are configured (not physiology-grade; pipeline checks only).
+_C.DATASET.SYNTHETIC = CfgNode()
+# Folder of the generated WFDB records; empty = <OUTPUT.DIR>/data/synthetic.
+_C.DATASET.SYNTHETIC.DIR = ""
+# Number of labelled subjects (one record each) generated for fine-tuning.
+_C.DATASET.SYNTHETIC.N_SUBJECTS = 400
+# Additional unlabelled subjects for pre-training (the labelled ones are also used label-free).
+_C.DATASET.SYNTHETIC.N_ARCHIVE_SUBJECTS = 400
+# Records per archive subject (the unlabelled pre-training archive has several ECGs per subject).
+_C.DATASET.SYNTHETIC.ARCHIVE_RECORDS_PER_SUBJECT = 2
+# Seed of the synthetic generator.
+_C.DATASET.SYNTHETIC.SEED = 0
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task: which clinical endpoint is predicted, with its thresholds
+# ---------------------------------------------------------------------------------------------------------------------
+_C.TASK = CfgNode()
+# "ph" (mPAP > MPAP_THRESHOLD), "phenotype" (among PH: PAWP > PAWP_THRESHOLD = post-capillary),
+# "pawp" (elevated PAWP: PAWP > PAWP_THRESHOLD).
+_C.TASK.NAME = "ph"
+# Right heart catheterisation mPAP threshold for PH (mmHg; 2022 ESC/ERS definition).
+_C.TASK.MPAP_THRESHOLD = 20.0
+# PAWP threshold separating post- from pre-capillary PH, and defining elevated PAWP (mmHg).
+_C.TASK.PAWP_THRESHOLD = 15.0
+# Column names of the haemodynamics CSV.
+_C.TASK.MPAP_COLUMN = "mPAP"
+# PAWP column name.
+_C.TASK.PAWP_COLUMN = "PAWP"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+_C.MODEL = CfgNode()
+# One of: lsemvae, lsemvae_reference, mvae, mopoe, mmvae, betavae (pre-trained, frozen) or
+# multimodal_cnn, resnet1d, xresnet1d (supervised, trained end to end in fine-tuning).
+_C.MODEL.NAME = "lsemvae"
+# Latent dimension D of every lead expert (paper: 256).
+_C.MODEL.LATENT_DIM = 256
+# HiME ablations: drop the shared PoE expert / the moment-matched mixture / the gate (uniform weights).
+_C.MODEL.NO_POE = False
+# Drop the mixture (fused posterior = shared PoE expert).
+_C.MODEL.NO_MOE = False
+# Replace the gate by uniform weights over present experts.
+_C.MODEL.NO_GATE = False
+# Include the N(0, I) prior expert in products of experts (MVAE practice).
+_C.MODEL.USE_PRIOR = True
+# Channel widths of the four stages of resnet1d / xresnet1d; empty = the published (64, 128, 256, 512).
+_C.MODEL.BASELINE_WIDTHS = []
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-training (self-supervised, all leads of DATASET.PRETRAIN_LEADS)
+# ---------------------------------------------------------------------------------------------------------------------
+_C.PRETRAIN = CfgNode()
+# Where the pre-trained model goes; empty = <OUTPUT.DIR>/pretrain (the comparison shares one per method).
+_C.PRETRAIN.DIR = ""
+# Epochs (paper: 100).
+_C.PRETRAIN.EPOCHS = 100
+# Batch size per process (paper: 128).
+_C.PRETRAIN.BATCH_SIZE = 128
+# AdamW learning rate (paper: 1e-4; the reference code uses 5e-4).
+_C.PRETRAIN.LR = 1e-4
+# AdamW weight decay (reference code: 1e-5).
+_C.PRETRAIN.WEIGHT_DECAY = 1e-5
+# Gradient norm clipping (0 = off).
+_C.PRETRAIN.GRAD_CLIP = 1.0
+# Final KL weight beta (annealed linearly from 0).
+_C.PRETRAIN.BETA = 1.0
+# Epochs over which beta rises to PRETRAIN.BETA: per step in "paper" mode, min(epoch / this, 1) in "reference" mode.
+_C.PRETRAIN.BETA_WARMUP_EPOCHS = 50.0
+# Alignment weight gamma (Eq. 1); 0 disables alignment (the no-alignment ablation). The paper does not report it.
+# Our alignment is the squared norm summed over the latent per expert while reconstruction is a per-lead mean, so
+# gamma = 1 pulls every expert to one point faster than the decoder learns to use z (posterior collapse on the
+# synthetic cohort); 0.01 keeps both in play.
+_C.PRETRAIN.GAMMA = 0.01
+# Objective: "paper" = mean-squared reconstruction per lead + beta KL of the fused posterior + gamma alignment of
+# every expert to the fused mean; "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
+# arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
+# mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
+_C.PRETRAIN.LOSS_MODE = "paper"
+# Share of subjects held out for validation (90:10 in the paper).
+_C.PRETRAIN.VAL_FRACTION = 0.1
+# Resume from <PRETRAIN.DIR>/checkpoints/last.ckpt when present.
+_C.PRETRAIN.RESUME = True
+# Debug: raise at the start of this epoch (0-based) to simulate a killed run (-1 = off).
+_C.PRETRAIN.DEBUG_FAIL_AT_EPOCH = -1
+# Debug: each process writes the record indices it trained on to <PRETRAIN.DIR>/seen_rank<k>.txt.
+_C.PRETRAIN.DEBUG_LOG_INDICES = False
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (head on frozen encoders, or supervised baselines end to end)
+# ---------------------------------------------------------------------------------------------------------------------
+_C.FINETUNE = CfgNode()
+# Features of the frozen VAE: "concat_means" (per-lead posterior means of the leads in use, the authors' choice)
+# or "fused_mean" (the fused posterior mean through the lead mask).
+_C.FINETUNE.FEATURES = "concat_means"
+# Epochs (paper: 50).
+_C.FINETUNE.EPOCHS = 50
+# Epochs of the supervised baselines trained end to end; 0 = FINETUNE.EPOCHS.
+_C.FINETUNE.SUPERVISED_EPOCHS = 0
+# Batch size (paper: 32).
+_C.FINETUNE.BATCH_SIZE = 32
+# Learning rate (paper: 1e-4).
+_C.FINETUNE.LR = 1e-4
+# Weight decay of AdamW.
+_C.FINETUNE.WEIGHT_DECAY = 1e-2
+# Optimiser: "adamw" (paper) or "adam" (reference code).
+_C.FINETUNE.OPTIMIZER = "adamw"
+# Hidden units of the head (paper: 128).
+_C.FINETUNE.HIDDEN_DIM = 128
+# Dropout of the head (paper: 0.5).
+_C.FINETUNE.DROPOUT = 0.5
+# Loss: "focal" (paper; alpha, gamma below) or "cross_entropy" (reference code).
+_C.FINETUNE.LOSS = "focal"
+# Focal gamma; the paper gives none, 2.0 is the value of Lin et al. (2017).
+_C.FINETUNE.FOCAL_GAMMA = 2.0
+# Focal alpha (weight of the positive class); negative = the negative-class share of the fold's training part,
+# so the minority class gets the larger weight.
+_C.FINETUNE.FOCAL_ALPHA = -1.0
+# Decision threshold from the fold's training part: "youden", "argmax" (0.5, the reference code) or a number.
+_C.FINETUNE.THRESHOLD = "youden"
+# Batch size of the frozen feature extraction.
+_C.FINETUNE.FEATURE_BATCH_SIZE = 64
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+_C.EVAL = CfgNode()
+# Folds of stratified (and subject-grouped) cross-validation (paper: 5, 80:20).
+_C.EVAL.N_SPLITS = 5
+# Seed of the fold assignment (the reference code uses 42).
+_C.EVAL.SEED = 42
+# Bootstrap resamples of the pooled out-of-fold predictions for the 95% CI.
+_C.EVAL.N_BOOT = 1000
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring new records (--stage predict)
+# ---------------------------------------------------------------------------------------------------------------------
+_C.PREDICT = CfgNode()
+# Folder of WFDB records or a manifest CSV (path column) to score with the trained fold models.
+_C.PREDICT.SOURCE = ""
+# Output CSV; empty = <OUTPUT.DIR>/predict/scores.csv.
+_C.PREDICT.OUT_CSV = ""
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Interpretation (--stage interpret; examples/lsemvae_ph/interpret_stage.py)
+# ---------------------------------------------------------------------------------------------------------------------
+_C.INTERPRET = CfgNode()
+# Also run interpretation in --stage all.
+_C.INTERPRET.ENABLED = False
+# Integration steps of integrated gradients.
+_C.INTERPRET.N_STEPS = 32
+# Normalised attribution above which a sample counts as important.
+_C.INTERPRET.THRESHOLD = 0.5
+# Baseline signal of integrated gradients: "zeros" or "mean".
+_C.INTERPRET.BASELINE = "zeros"
+# Number of subjects drawn per class for the per-record figures.
+_C.INTERPRET.SUBJECTS = 2
+# Moving-average width (seconds) of |attribution| before thresholding.
+_C.INTERPRET.SMOOTH_S = 0.04
+# Class attributed: "predicted" or a class index given as a string ("0", "1").
+_C.INTERPRET.TARGET = "predicted"
+# Held-out records per fold interpreted (a seeded stratified draw); 0 = all.
+_C.INTERPRET.MAX_RECORDS = 200
+# Records per integrated-gradients call (memory: BATCH_SIZE x N_STEPS forward passes).
+_C.INTERPRET.BATCH_SIZE = 8
+# Seed of the record draw.
+_C.INTERPRET.SEED = 0
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lightning trainer (pre-training); scale with DDP through these keys
+# ---------------------------------------------------------------------------------------------------------------------
+_C.TRAINER = CfgNode()
+# "auto" (GPU when present), "cpu" or "gpu".
+_C.TRAINER.ACCELERATOR = "auto"
+# Devices (processes) per node; -1 = all visible GPUs.
+_C.TRAINER.DEVICES = 1
+# Nodes (multi-node DDP, e.g. under SLURM or torchrun).
+_C.TRAINER.NUM_NODES = 1
+# "auto", "ddp", "ddp_spawn" or "ddp_find_unused_parameters_true".
+_C.TRAINER.STRATEGY = "auto"
+# "auto" = bf16-mixed on GPU, 32-true on CPU; or any Lightning precision string.
+_C.TRAINER.PRECISION = "auto"
+# Log every n training steps.
+_C.TRAINER.LOG_EVERY_N_STEPS = 10
+# Show progress bars.
+_C.TRAINER.PROGRESS_BAR = True
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+_C.OUTPUT = CfgNode()
+# Folder of every output of the run (config.yaml, metrics.json, predictions.csv, results.md, roc.png, checkpoints).
+_C.OUTPUT.DIR = "outputs/lsemvae_ph"
+# Method name shown in results tables; empty = MODEL.NAME plus ablation flags.
+_C.OUTPUT.METHOD_LABEL = ""
+
+ACCEPTED = {
+    "MODEL.NAME": (
+        "lsemvae",
+        "lsemvae_reference",
+        "mvae",
+        "mopoe",
+        "mmvae",
+        "betavae",
+        "multimodal_cnn",
+        "resnet1d",
+        "xresnet1d",
+    ),
+    "TASK.NAME": ("ph", "phenotype", "pawp"),
+    "PRETRAIN.LOSS_MODE": ("paper", "reference"),
+    "FINETUNE.FEATURES": ("concat_means", "fused_mean"),
+    "FINETUNE.LOSS": ("focal", "cross_entropy"),
+    "FINETUNE.OPTIMIZER": ("adamw", "adam"),
+    "TRAINER.ACCELERATOR": ("auto", "cpu", "gpu", "cuda", "mps"),
+}
+SUPERVISED_MODELS = ("multimodal_cnn", "resnet1d", "xresnet1d")
+STAGES = ("prepare", "pretrain", "finetune", "evaluate", "predict", "interpret", "all")
+
+
+def get_cfg_defaults() -> CfgNode:
+    """Return a clone of the default configuration (safe to mutate)."""
+    return _C.clone()
+
+
+def _get(cfg: CfgNode, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate_cfg(cfg: CfgNode) -> None:
+    """Check enumerated and numeric values; raise ``ValueError`` naming the accepted values.
+
+    Called by ``main.py`` before any data are prepared or any model is trained.
+    """
+    for key, accepted in ACCEPTED.items():
+        value = _get(cfg, key)
+        if value not in accepted:
+            raise ValueError(f"{key} = {value!r} is not accepted; use one of: {', '.join(accepted)}")
+    from kale_ext.loaddata.leads import resolve_leads
+
+    for key in ("DATASET.LEADS", "DATASET.PRETRAIN_LEADS"):
+        try:
+            resolve_leads(parse_leads(_get(cfg, key)))
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"{key} = {_get(cfg, key)!r} is not accepted ({err}); use 6L, 12L or a comma list of lead names "
+                "from I, II, III, aVR, aVL, aVF, V1, ..., V6"
+            ) from err
+    leads = resolve_leads(parse_leads(cfg.DATASET.LEADS))
+    pre = resolve_leads(parse_leads(cfg.DATASET.PRETRAIN_LEADS))
+    missing = [lead for lead in leads if lead not in pre]
+    if missing and cfg.MODEL.NAME not in SUPERVISED_MODELS:
+        raise ValueError(
+            f"DATASET.LEADS uses {missing}, which pre-training (DATASET.PRETRAIN_LEADS {cfg.DATASET.PRETRAIN_LEADS}) "
+            "has no encoder for; add them to DATASET.PRETRAIN_LEADS"
+        )
+    threshold = cfg.FINETUNE.THRESHOLD
+    if threshold not in ("youden", "argmax"):
+        try:
+            float(threshold)
+        except ValueError as err:
+            raise ValueError(
+                f"FINETUNE.THRESHOLD = {threshold!r} is not accepted; use youden, argmax or a number in (0, 1)"
+            ) from err
+    positive = {
+        "EVAL.N_SPLITS": 2,
+        "PRETRAIN.EPOCHS": 0,
+        "PRETRAIN.BATCH_SIZE": 1,
+        "FINETUNE.EPOCHS": 1,
+        "FINETUNE.BATCH_SIZE": 1,
+        "MODEL.LATENT_DIM": 1,
+        "DATASET.INPUT_LENGTH": 8,
+        "DATASET.FS": 1,
+    }
+    for key, low in positive.items():
+        if _get(cfg, key) < low:
+            raise ValueError(f"{key} = {_get(cfg, key)} is not accepted; use a value >= {low}")
+    if not 0.0 <= cfg.PRETRAIN.VAL_FRACTION < 1.0:
+        raise ValueError(f"PRETRAIN.VAL_FRACTION = {cfg.PRETRAIN.VAL_FRACTION} is not accepted; use 0 <= value < 1")
+
+
+def parse_leads(value: str) -> str | list[str]:
+    """Turn a DATASET.LEADS value into what ``resolve_leads`` takes: a set name or a list of lead names."""
+    value = str(value).strip()
+    if "," in value:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value

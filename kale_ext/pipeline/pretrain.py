@@ -1,0 +1,592 @@
+"""Self-supervised pre-training of a multimodal ECG VAE with PyTorch Lightning.
+
+``PretrainModule`` trains any ``MultimodalVAE`` (``kale_ext.embed.multimodal_vae``) with the multimodal ELBO
+(reconstruction of every present lead + beta x KL of the fused posterior) plus the alignment loss of the fusion's
+experts to the fused mean (Suvon et al., arXiv 2503.13470, Eqs. 1-2). beta is annealed linearly per optimiser step.
+
+A ``"reference"`` loss mode reproduces the objective of the authors' published code: summed squared error x 1e-3 /
+batch, KL on the arithmetic mean of the lead encoders' mean and log-variance, alignment = gamma x mean over leads of
+the MSE between each lead mean and the mean of the lead means, beta = min(epoch / warmup_epochs, 1).
+
+Exact resume: ``EpochSeededSampler`` draws each epoch's order from ``seed + epoch`` (and shards it across DDP ranks
+without overlap) and ``ReseedCallback`` reseeds the global generators (reparameterisation noise, dropout) at the start
+of every epoch, so a run killed after an epoch checkpoint and resumed from ``last.ckpt`` ends with the same weights as
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kale_ext.predict.losses import alignment_loss, gaussian_kl, linear_annealing, multimodal_elbo
+
+logger = logging.getLogger(__name__)
+
+LOSS_MODES = ("paper", "reference")
+MODEL_FILE = "model.pt"
+MODEL_ARGS_FILE = "model_args.json"
+DONE_FILE = "DONE"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: subject-wise split, seeded distributed sampler
+# ---------------------------------------------------------------------------------------------------------------------
+def split_by_subject(
+    subject_ids: Sequence | np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split record indices into training and validation parts with no subject in both.
+
+    Args:
+        subject_ids: (N,) owner of each record; empty strings or NaN count as one subject per record.
+        val_fraction: share of subjects held out (0 = no validation part).
+        seed: seed of the subject permutation.
+
+    Returns:
+        (train_idx, val_idx), sorted int arrays.
+    """
+    ids = np.asarray(
+        [str(s) if s is not None and str(s) not in ("", "nan") else f"__rec{i}" for i, s in enumerate(subject_ids)]
+    )
+    unique = np.unique(ids)
+    n_val = int(round(len(unique) * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0 and len(unique) > 1:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    val_subjects = set(unique[order[:n_val]].tolist())
+    is_val = np.array([s in val_subjects for s in ids], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Sampler whose order depends only on ``(seed, epoch)``, sharded across processes without overlap.
+
+    Lightning calls ``set_epoch`` at the start of every training epoch (also after a resume), so the order of epoch
+    k is the same in an interrupted-and-resumed run as in an uninterrupted one. With several replicas, every rank
+    takes a disjoint slice of the epoch's permutation; the tail that does not divide evenly is dropped (training) so
+    that ranks never see the same record in an epoch and run the same number of steps.
+
+    Args:
+        indices: (N,) dataset indices to draw from.
+        seed: base seed.
+        shuffle: permute per epoch (training) or keep the order (validation).
+        num_replicas: number of processes.
+        rank: this process.
+        drop_last: drop the tail so every rank has the same count (else pad by repeating the first indices).
+    """
+
+    def __init__(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = True,
+    ):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.num_replicas = max(int(num_replicas), 1)
+        self.rank = int(rank)
+        self.drop_last = drop_last
+        self.epoch = 0
+        n = len(self.indices)
+        if drop_last and self.num_replicas > 1:
+            self.num_samples = n // self.num_replicas
+        else:
+            self.num_samples = math.ceil(n / self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order is drawn next."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        """Yield this rank's indices for the current epoch."""
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng(self.seed + self.epoch).permutation(len(order))]
+        total = self.num_samples * self.num_replicas
+        if total > len(order):  # pad (evaluation only) by wrapping around
+            order = np.concatenate([order, order[: total - len(order)]])
+        order = order[:total]
+        return iter(order[self.rank : total : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        """Number of indices this rank yields per epoch."""
+        return self.num_samples
+
+
+class _WithIndex(Dataset):
+    """Adds the dataset index of each item under ``"index"`` (used to check DDP sharding)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.dataset[i])
+        item["index"] = i
+        return item
+
+
+class ECGPretrainDataModule(pl.LightningDataModule):
+    """Training/validation loaders over a lead dataset (e.g. ``ECGLeadDataset`` on a memory-mapped cache).
+
+    Records stream from the dataset item by item (the cache is never loaded whole). The split is 90:10 by subject
+    by default and seeded; the training order is drawn by ``EpochSeededSampler`` for every DDP rank.
+
+    Args:
+        dataset: map-style dataset whose items hold ``signals`` (L, T) and ``mask`` (L,); ``subject_ids`` attribute
+            optional (else one subject per record).
+        batch_size: per-process batch size.
+        val_fraction: share of subjects for validation.
+        seed: split and sampler seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0
+    ):
+        super().__init__()
+        self.dataset = _WithIndex(dataset)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        subjects = getattr(dataset, "subject_ids", None)
+        if subjects is None:
+            subjects = np.arange(len(dataset)).astype(str)
+        self.train_idx, self.val_idx = split_by_subject(subjects, val_fraction, seed)
+
+    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = EpochSeededSampler(indices, self.seed, shuffle, world, rank, drop_last=shuffle)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Loader of the training part (shuffled per epoch, sharded across ranks)."""
+        return self._loader(self.train_idx, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Loader of the validation part (fixed order), or no loader when the part is empty."""
+        if len(self.val_idx) == 0:
+            return []
+        return self._loader(self.val_idx, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Lightning module
+# ---------------------------------------------------------------------------------------------------------------------
+def reference_alignment(mean: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 0.1) -> torch.Tensor:
+    """Alignment term of the authors' code: gamma x mean over leads of MSE(mean_i, mean over leads of mean_j).
+
+    Args:
+        mean: (L, B, D) lead posterior means.
+        mask: (L, B) bool, True = present; absent leads are left out of both means.
+        gamma: weight.
+
+    Returns:
+        Scalar.
+    """
+    mean = mean.float()
+    if mask is None:
+        mask = torch.ones(mean.shape[:2], dtype=torch.bool, device=mean.device)
+    w = mask.float().unsqueeze(-1)  # (L, B, 1)
+    centre = (mean * w).sum(0) / w.sum(0).clamp_min(1.0)  # (B, D)
+    sq = ((mean - centre) ** 2).mean(-1)  # (L, B)
+    per_lead = (sq * mask.float()).sum(1) / mask.float().sum(1).clamp_min(1.0)  # (L,)
+    present = mask.any(1)
+    return gamma * per_lead[present].mean() if present.any() else mean.new_zeros(())
+
+
+class PretrainModule(pl.LightningModule):
+    """Pre-train a multimodal VAE: ELBO + alignment, AdamW, beta annealed per step.
+
+    Args:
+        model: a ``MultimodalVAE`` with ``lead_names``, ``encode``, ``fuse``, ``decode`` and ``forward``.
+        leads: names of the channels in the batches' ``signals`` (default ``model.lead_names``).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        beta: final KL weight.
+        beta_warmup_epochs: epochs for beta to reach ``beta`` (per step in "paper" mode, per epoch in "reference").
+        gamma: alignment weight (0 = no alignment).
+        loss_mode: "paper" or "reference" (see the module docstring).
+        log_indices_to: folder where each rank appends the record indices it trained on (debug), or None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        leads: Sequence[str] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        beta: float = 1.0,
+        beta_warmup_epochs: float = 50,
+        gamma: float = 1.0,
+        loss_mode: str = "paper",
+        log_indices_to: str | Path | None = None,
+    ):
+        super().__init__()
+        if loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode {loss_mode!r} is not accepted; use one of {LOSS_MODES}")
+        self.model = model
+        self.leads = tuple(leads) if leads is not None else tuple(model.lead_names)
+        unknown = [lead for lead in self.leads if lead not in model.lead_names]
+        if unknown:
+            raise ValueError(f"leads {unknown} have no encoder in the model (model leads: {model.lead_names})")
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.beta_max = beta
+        self.beta_warmup_epochs = beta_warmup_epochs
+        self.gamma = gamma
+        self.loss_mode = loss_mode
+        self.log_indices_to = Path(log_indices_to) if log_indices_to else None
+        # positions of the batch channels among the model's leads, to build full-width targets
+        self.register_buffer(
+            "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
+        )
+        self.save_hyperparameters(ignore=["model", "log_indices_to"])
+
+    def current_beta(self) -> float:
+        """KL weight at the current step (paper mode) or epoch (reference mode)."""
+        if self.loss_mode == "reference":
+            if self.beta_warmup_epochs <= 0:
+                return self.beta_max
+            return self.beta_max * min(self.current_epoch / self.beta_warmup_epochs, 1.0)
+        steps_per_epoch = 1
+        if self._trainer is not None and self.trainer.num_training_batches not in (None, float("inf")):
+            steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
+        warmup = int(round(self.beta_warmup_epochs * steps_per_epoch))
+        return self.beta_max * linear_annealing(int(self.global_step), warmup)
+
+    def _full_width(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Place (B, L', T) batch channels into the model's (B, L, T) lead slots; missing slots are masked out."""
+        n_model = len(self.model.lead_names)
+        if len(self.leads) == n_model and torch.equal(self._slot, torch.arange(n_model, device=self._slot.device)):
+            return x, mask
+        target = x.new_zeros(x.shape[0], n_model, x.shape[-1])
+        full_mask = torch.zeros(x.shape[0], n_model, dtype=torch.bool, device=x.device)
+        target[:, self._slot] = x
+        full_mask[:, self._slot] = mask
+        return target, full_mask
+
+    def compute_losses(self, batch: dict, sample: bool = True) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch.
+
+        Args:
+            batch: ``signals`` (B, L', T) float, ``mask`` (B, L') bool.
+            sample: draw z from the fused posterior (training) or use its mean.
+
+        Returns:
+            dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars) and ``beta``.
+        """
+        x = batch["signals"].float()
+        mask = batch["mask"].bool()
+        target, full_mask = self._full_width(x, mask)
+        beta = self.current_beta()
+        if self.loss_mode == "paper":
+            out = self.model(x, mask=mask, leads=self.leads, sample=sample)
+            fusion = out.fusion
+            terms = multimodal_elbo(
+                out.recon.float(), target, fusion.mean.float(), fusion.log_var.float(), beta, mask=full_mask
+            )
+            align = (
+                alignment_loss(fusion.expert_mean.float(), fusion.mean.float(), fusion.expert_mask, gamma=self.gamma)
+                if self.gamma > 0
+                else terms.total.new_zeros(())
+            )
+            return {"loss": terms.total + align, "recon": terms.recon, "kl": terms.kl, "align": align, "beta": beta}
+        # reference mode: the authors' objective, composed from encode / fuse / decode
+        mean, log_var, lead_mask = self.model.encode(x, leads=self.leads, mask=mask)  # (L, B, D), (L, B)
+        fusion = self.model.fuse(mean, log_var, lead_mask)
+        z = fusion.mean.float()
+        if sample:
+            z = z + torch.exp(0.5 * fusion.log_var.float()) * torch.randn_like(z)
+        recon = self.model.decode(z)
+        terms = multimodal_elbo(
+            recon.float(),
+            target,
+            fusion.mean.float(),
+            fusion.log_var.float(),
+            0.0,
+            mask=full_mask,
+            recon_reduction="reference",
+        )
+        w = lead_mask.float().unsqueeze(-1)
+        avg_mean = (mean.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
+        avg_log_var = (log_var.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
+        kl = gaussian_kl(avg_mean, avg_log_var).mean()
+        align = reference_alignment(mean, lead_mask, self.gamma) if self.gamma > 0 else kl.new_zeros(())
+        return {"loss": terms.recon + beta * kl + align, "recon": terms.recon, "kl": kl, "align": align, "beta": beta}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One optimisation step; logs step values locally and epoch means synchronised across processes."""
+        losses = self.compute_losses(batch, sample=True)
+        size = batch["signals"].shape[0]
+        self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        for name in ("loss", "recon", "kl", "align"):
+            self.log(f"train/{name}", losses[name], on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log("train/beta", float(losses["beta"]), on_step=True, on_epoch=False, batch_size=size)
+        if self.log_indices_to is not None and "index" in batch:
+            self.log_indices_to.mkdir(parents=True, exist_ok=True)
+            with open(self.log_indices_to / f"seen_rank{self.global_rank}.txt", "a", encoding="utf-8") as fh:
+                idx = batch["index"].tolist()
+                fh.write(f"{self.current_epoch} " + " ".join(map(str, idx)) + "\n")
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Validation loss with z at the posterior mean; epoch means synchronised across processes."""
+        losses = self.compute_losses(batch, sample=False)
+        size = batch["signals"].shape[0]
+        for name in ("loss", "recon", "kl", "align"):
+            self.log(
+                f"val/{name}",
+                losses[name],
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                prog_bar=name == "loss",
+                batch_size=size,
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the model's parameters."""
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------------------------------
+class ReseedCallback(pl.Callback):
+    """Reseed the random generators from ``(seed, epoch, batch, rank)`` (exact resume).
+
+    At every epoch start torch, numpy and random are reseeded with ``seed + epoch``; before every training batch
+    torch is reseeded again from the epoch and batch index, so the noise of a step (reparameterisation, dropout,
+    random subsets) does not depend on how much randomness anything else (e.g. creating a DataLoader iterator after
+    a resume) consumed before it.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reseed for the epoch about to run."""
+        from lightning_fabric.utilities.seed import seed_everything
+
+        seed_everything(self.seed + trainer.current_epoch + 1000 * trainer.global_rank, verbose=False)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Reseed torch for this step."""
+        step_seed = self.seed + 1_000_003 * trainer.current_epoch + 7_919 * batch_idx + 104_729 * trainer.global_rank
+        torch.manual_seed(step_seed % (2**63 - 1))
+
+
+class FailAtEpoch(pl.Callback):
+    """Raise at the start of epoch ``epoch`` (0-based) to simulate a killed run (tests of resume)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise ``SimulatedInterruption`` when the chosen epoch starts."""
+        if trainer.current_epoch == self.epoch:
+            raise SimulatedInterruption(f"simulated interruption at the start of epoch {self.epoch}")
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by ``FailAtEpoch``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running and saving
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainSettings:
+    """Settings of one pre-training run (see ``examples/lsemvae_ph/config.py`` for their meaning)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    beta: float = 1.0
+    beta_warmup_epochs: float = 50
+    gamma: float = 1.0
+    loss_mode: str = "paper"
+    val_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    resume: bool = True
+    fail_at_epoch: int = -1
+    log_indices: bool = False
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"`` -> ``"bf16-mixed"`` when training on a GPU, ``"32-true"`` on CPU; other values unchanged."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+@dataclass
+class PretrainResult:
+    """Outcome of ``run_pretraining``: where the model went and whether this process is the global rank 0."""
+
+    model_path: Path
+    is_global_zero: bool
+    resumed_from: Path | None
+
+
+def run_pretraining(
+    model: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    settings: PretrainSettings,
+    build_args: dict | None = None,
+    leads: Sequence[str] | None = None,
+) -> PretrainResult:
+    """Pre-train ``model`` on ``dataset`` with Lightning and save a plain state_dict.
+
+    Writes ``out_dir/checkpoints/last.ckpt`` every epoch (resumed from when present and ``settings.resume``),
+    TensorBoard and CSV logs under ``out_dir/logs``, and, on global rank 0 at the end, ``out_dir/model.pt`` (state
+    dict, loadable with ``torch.load(weights_only=True)``), ``out_dir/model_args.json`` (``build_args``) and a
+    ``DONE`` marker.
+
+    Args:
+        model: the VAE to train (initialised by the caller, after seeding).
+        dataset: lead dataset (items ``signals`` (L, T), ``mask`` (L,)).
+        out_dir: output folder.
+        settings: ``PretrainSettings``.
+        build_args: JSON-serialisable arguments that rebuild the model (saved beside the weights).
+        leads: channel names of the dataset items (default ``dataset.leads`` or the model's).
+
+    Returns:
+        ``PretrainResult``.
+    """
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    leads = tuple(leads or getattr(dataset, "leads", None) or model.lead_names)
+    module = PretrainModule(
+        model,
+        leads=leads,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        beta=settings.beta,
+        beta_warmup_epochs=settings.beta_warmup_epochs,
+        gamma=settings.gamma,
+        loss_mode=settings.loss_mode,
+        log_indices_to=out_dir if settings.log_indices else None,
+    )
+    data = ECGPretrainDataModule(
+        dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers
+    )
+    ckpt_dir = out_dir / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ReseedCallback(settings.seed),
+        # monitor None + top-1 keeps the latest epoch; last.ckpt (every epoch) is what a re-run resumes from
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="epoch{epoch:03d}",
+            save_last=True,
+            save_top_k=1,
+            every_n_epochs=1,
+            auto_insert_metric_name=False,
+        ),
+    ]
+    if settings.fail_at_epoch >= 0:
+        callbacks.insert(1, FailAtEpoch(settings.fail_at_epoch))
+    precision = resolve_precision(settings.precision, settings.accelerator)
+    trainer = pl.Trainer(
+        max_epochs=settings.epochs,
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=settings.strategy,
+        precision=precision,
+        gradient_clip_val=settings.grad_clip if settings.grad_clip > 0 else None,
+        callbacks=callbacks,
+        logger=[TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")],
+        log_every_n_steps=settings.log_every_n_steps,
+        enable_progress_bar=settings.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # EpochSeededSampler shards by rank itself
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    last = ckpt_dir / "last.ckpt"
+    resume = last if settings.resume and last.exists() else None
+    if resume is not None:
+        logger.info("resuming pre-training from %s", resume)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    model_path = out_dir / MODEL_FILE
+    if trainer.is_global_zero:
+        save_model(model, out_dir, build_args)
+    return PretrainResult(model_path=model_path, is_global_zero=trainer.is_global_zero, resumed_from=resume)
+
+
+def save_model(model: nn.Module, out_dir: str | Path, build_args: dict | None = None) -> Path:
+    """Write ``model.pt`` (plain state dict on CPU), ``model_args.json`` and a ``DONE`` marker into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / (MODEL_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out_dir / MODEL_FILE)
+    (out_dir / MODEL_ARGS_FILE).write_text(json.dumps(build_args or {}, indent=2), encoding="utf-8")
+    (out_dir / DONE_FILE).write_text("pre-training finished\n", encoding="utf-8")
+    return out_dir / MODEL_FILE
+
+
+def is_pretrained(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a finished pre-training (model, build arguments, DONE marker)."""
+    out_dir = Path(out_dir)
+    return all((out_dir / name).exists() for name in (MODEL_FILE, MODEL_ARGS_FILE, DONE_FILE))
+
+
+def load_model(out_dir: str | Path, build: Callable[..., nn.Module], device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a pre-trained model from ``model_args.json`` with ``build(**args)`` and load ``model.pt``.
+
+    The weights load with ``torch.load(weights_only=True)``; no Lightning checkpoint is needed.
+    """
+    out_dir = Path(out_dir)
+    args = json.loads((out_dir / MODEL_ARGS_FILE).read_text(encoding="utf-8"))
+    model = build(**args)
+    state = torch.load(out_dir / MODEL_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def settings_dict(settings: PretrainSettings) -> dict:
+    """The settings as a plain dict (for logs)."""
+    return asdict(settings)

@@ -1,0 +1,328 @@
+"""End-to-end tests of examples/lsemvae_ph/main.py on a tiny synthetic cohort (subprocess and in-process)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "lsemvae_ph"
+MAIN = EXAMPLE / "main.py"
+if str(EXAMPLE) not in sys.path:
+    sys.path.insert(0, str(EXAMPLE))
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_opts(shared: Path) -> list[str]:
+    """Overrides for a run of a few seconds: 36 labelled subjects, 50 Hz x 256 samples, latent 4, 3 folds."""
+    return [
+        "DATASET.FS",
+        "50",
+        "DATASET.INPUT_LENGTH",
+        "256",
+        "DATASET.SYNTHETIC.N_SUBJECTS",
+        "36",
+        "DATASET.SYNTHETIC.N_ARCHIVE_SUBJECTS",
+        "8",
+        "DATASET.SYNTHETIC.ARCHIVE_RECORDS_PER_SUBJECT",
+        "1",
+        "DATASET.SYNTHETIC.DIR",
+        str(shared / "data"),
+        "DATASET.CACHE_DIR",
+        str(shared / "cache"),
+        "DATASET.PREPARE_WORKERS",
+        "1",
+        "MODEL.LATENT_DIM",
+        "4",
+        "PRETRAIN.EPOCHS",
+        "2",
+        "PRETRAIN.BATCH_SIZE",
+        "16",
+        "PRETRAIN.LR",
+        "0.001",
+        "PRETRAIN.BETA_WARMUP_EPOCHS",
+        "1.0",
+        "FINETUNE.EPOCHS",
+        "3",
+        "FINETUNE.LR",
+        "0.001",
+        "EVAL.N_SPLITS",
+        "3",
+        "EVAL.N_BOOT",
+        "20",
+        "TRAINER.PROGRESS_BAR",
+        "False",
+        "TRAINER.ACCELERATOR",
+        "cpu",
+    ]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run_main(args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One full run (prepare, pretrain, finetune, evaluate) of the 6-lead LS-EMVAE on the tiny cohort."""
+    shared = tmp_path_factory.mktemp("shared")
+    out = tmp_path_factory.mktemp("run")
+    proc = _run_main(["--cfg", "6L.yaml", *tiny_opts(shared), "OUTPUT.DIR", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"shared": shared, "out": out, "stdout": proc.stdout}
+
+
+def _cfg(shared, out, *extra, files=("6L.yaml",)):
+    import main as pipeline
+
+    return pipeline.load_cfg(list(files), [*tiny_opts(shared), "OUTPUT.DIR", str(out), *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_config_names_resolve_and_later_files_override_earlier():
+    import main as pipeline
+    import yaml
+
+    quick = yaml.safe_load((ROOT / "configs" / "quick.yaml").read_text())
+    cfg = pipeline.load_cfg(["6L.yaml", "quick"], ["MODEL.LATENT_DIM", "16"])
+    assert cfg.DATASET.LEADS == "6L" and cfg.MODEL.LATENT_DIM == 16
+    assert cfg.PRETRAIN.EPOCHS == quick["PRETRAIN"]["EPOCHS"] != pipeline.get_cfg_defaults().PRETRAIN.EPOCHS
+    cfg = pipeline.load_cfg(["quick.yaml", str(ROOT / "configs" / "12L.yaml")])
+    assert cfg.DATASET.LEADS == "12L" and cfg.OUTPUT.DIR == "outputs/lsemvae_12L"
+    defaults = pipeline.get_cfg_defaults()
+    defaults.MODEL.LATENT_DIM = 3
+    assert pipeline.get_cfg_defaults().MODEL.LATENT_DIM == 256  # a clone each time
+    for name in sorted(p.name for p in (ROOT / "configs").glob("*.yaml")):
+        pipeline.load_cfg([name])  # every shipped config validates
+
+
+@pytest.mark.parametrize(
+    "key,value,accepted",
+    [
+        ("MODEL.NAME", "transformer", "lsemvae"),
+        ("DATASET.LEADS", "7L", "12L"),
+        ("TASK.NAME", "diabetes", "phenotype"),
+        ("FINETUNE.FEATURES", "max", "concat_means"),
+        ("PRETRAIN.LOSS_MODE", "mine", "reference"),
+    ],
+)
+def test_invalid_values_fail_early_naming_accepted_values(key, value, accepted):
+    import main as pipeline
+
+    with pytest.raises(ValueError, match=accepted):
+        pipeline.load_cfg(["6L.yaml"], [key, value])
+
+
+def test_invalid_stage_and_model_fail_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    proc = _run_main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(out), "--stage", "train"], timeout=120)  # any order
+    assert proc.returncode == 2 and "prepare" in proc.stderr and "interpret" in proc.stderr
+    proc = _run_main(["--cfg", "6L.yaml", "MODEL.NAME", "gpt", "OUTPUT.DIR", str(out)], timeout=120)
+    assert proc.returncode == 2 and "xresnet1d" in proc.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_end_to_end_outputs(tiny_run):
+    out = tiny_run["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["synthetic"] is True and metrics["task"] == "ph_detection" and metrics["method"] == "LS-EMVAE"
+    assert metrics["leads"] == ["I", "II", "III", "aVR", "aVL", "aVF"]
+    assert len(metrics["folds"]) == 3 and all({"accuracy", "auroc", "mcc"} <= set(f) for f in metrics["folds"])
+    for name in ("accuracy", "auroc", "mcc"):
+        entry = metrics["summary"][name]
+        assert set(entry) == {"mean", "std", "ci95"} and len(entry["ci95"]) == 2
+        assert np.isclose(entry["mean"], np.mean([f[name] for f in metrics["folds"]]))
+    labels = pd.read_csv(out / "labels.csv")
+    pred = pd.read_csv(out / "predictions.csv")
+    assert pred["subject_id"].is_unique and len(pred) == len(labels) == 36
+    assert pred["probability"].between(0, 1).all() and pred["synthetic"].all()
+    assert set(pred["fold"]) == {0, 1, 2}
+    assert (out / "results.md").read_text().lower().count("synthetic") >= 1
+    assert "LS-EMVAE" in (out / "results.md").read_text()
+    assert (out / "roc.png").stat().st_size > 5000
+    assert "SYNTHETIC" in (out / "README.md").read_text()
+    assert "SYNTHETIC DATA" in (out / "run.log").read_text().splitlines()[0]
+    assert "MODEL:" in (out / "config.yaml").read_text()
+    assert list((out / "pretrain" / "logs").rglob("events.out.tfevents*")) and list((out / "pretrain").rglob("*.csv"))
+    assert "AUROC" in tiny_run["stdout"] and "SYNTHETIC" in tiny_run["stdout"]
+
+
+def test_checkpoints_and_models_load_weights_only(tiny_run):
+    out = tiny_run["out"]
+    ckpt = torch.load(out / "pretrain" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 1 and any(k.startswith("model.") for k in ckpt["state_dict"])
+    state = torch.load(out / "pretrain" / "model.pt", weights_only=True)
+    assert all(torch.equal(state[k], ckpt["state_dict"]["model." + k]) for k in state)
+    head = torch.load(out / "finetune" / "fold0" / "model.pt", weights_only=True)
+    assert any(v.dim() == 2 for v in head.values())
+
+
+def test_artifacts_reproduce_out_of_fold_probabilities(tiny_run):
+    import artifacts
+
+    cfg = _cfg(tiny_run["shared"], tiny_run["out"])
+    data = artifacts.finetune_dataset(cfg)
+    folds = artifacts.load_folds(cfg)
+    assert list(folds.columns) == ["record_id", "subject_id", "label", "fold", "threshold"]
+    assert list(folds["record_id"]) == [str(r) for r in data.record_ids]
+    vae = artifacts.load_pretrained_model(cfg)
+    assert vae is not None and vae.lead_names == tuple(
+        ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    )
+    oof = pd.read_csv(tiny_run["out"] / "finetune" / "oof.csv")
+    test_idx = np.flatnonzero(folds["fold"].to_numpy() == 1)
+    clf = artifacts.load_fold_classifier(cfg, 1)
+    batch = [data[int(i)] for i in test_idx]
+    x = torch.stack([b["signals"] for b in batch])
+    mask = torch.stack([b["mask"] for b in batch])
+    with torch.no_grad():
+        logits = clf(x, mask)
+    assert logits.shape == (len(test_idx), 2)
+    prob = torch.softmax(logits, -1)[:, 1].numpy()
+    assert np.allclose(prob, oof["probability"].to_numpy()[test_idx], atol=1e-5)
+
+
+def test_stages_reuse_outputs_and_same_seed_gives_same_metrics(tiny_run, tmp_path):
+    before = (tiny_run["out"] / "pretrain" / "model.pt").stat().st_mtime_ns
+    pretrained = str(tiny_run["out"] / "pretrain")
+    # same command and environment as the first run (thread counts can change float summation order)
+    proc = _run_main(
+        ["--cfg", "6L.yaml", *tiny_opts(tiny_run["shared"]), "OUTPUT.DIR", str(tmp_path), "PRETRAIN.DIR", pretrained]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tiny_run["out"] / "pretrain" / "model.pt").stat().st_mtime_ns == before  # pre-training reused
+    log = (tmp_path / "run.log").read_text()
+    assert "reusing the pre-trained model" in log and "reusing cache" in log
+    first = json.loads((tiny_run["out"] / "metrics.json").read_text())
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert first["folds"] == second["folds"] and first["summary"] == second["summary"]
+    assert pd.read_csv(tiny_run["out"] / "folds.csv").equals(pd.read_csv(tmp_path / "folds.csv"))
+
+
+def test_predict_scores_records_and_refuses_a_missing_lead(tiny_run, tmp_path):
+    import main as pipeline
+    import wfdb
+
+    from kale_ext.loaddata.synthetic import write_synthetic_cohort
+
+    cohort = write_synthetic_cohort(tmp_path / "gen", 2, seed=5, fs=50)
+    paths = sorted(cohort.root.rglob("*.hea"))
+    new = tmp_path / "new"
+    new.mkdir()
+    for k, hea in enumerate(paths):
+        rec = wfdb.rdrecord(str(hea.with_suffix("")))
+        keep = [i for i, n in enumerate(rec.sig_name) if not (k == 1 and n == "aVL")]
+        wfdb.wrsamp(
+            f"rec{k}",
+            fs=rec.fs,
+            units=[rec.units[i] for i in keep],
+            sig_name=[rec.sig_name[i] for i in keep],
+            p_signal=rec.p_signal[:, keep],
+            fmt=["16"] * len(keep),
+            write_dir=str(new),
+        )
+    cfg = _cfg(
+        tiny_run["shared"], tiny_run["out"], "PREDICT.SOURCE", str(new), "PREDICT.OUT_CSV", str(tmp_path / "scores.csv")
+    )
+    pipeline.run(cfg, "predict")
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == 2
+    ok = scores[scores["status"] == "ok"]
+    refused = scores[scores["status"] != "ok"]
+    assert len(ok) == 1 and 0 <= ok["probability"].iloc[0] <= 1 and ok["prediction"].iloc[0] in (0, 1)
+    assert len(refused) == 1 and "aVL" in refused["status"].iloc[0] and np.isnan(refused["probability"].iloc[0])
+    folds = pd.read_csv(tiny_run["out"] / "folds.csv")
+    assert np.isclose(scores["threshold"].iloc[0], folds.groupby("fold")["threshold"].first().mean())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_pretraining_with_two_cpu_processes_shards_the_data(tiny_run, tmp_path):
+    env_port = str(_free_port())
+    args = [
+        "--cfg",
+        "6L.yaml",
+        "--stage",
+        "pretrain",
+        *tiny_opts(tiny_run["shared"]),
+        "OUTPUT.DIR",
+        str(tmp_path),
+        "TRAINER.DEVICES",
+        "2",
+        "TRAINER.STRATEGY",
+        "ddp",
+        "PRETRAIN.EPOCHS",
+        "1",
+        "PRETRAIN.DEBUG_LOG_INDICES",
+        "True",
+        "PRETRAIN.BATCH_SIZE",
+        "4",
+    ]
+    os.environ["MASTER_PORT"] = env_port
+    try:
+        proc = _run_main(args, timeout=300)
+    finally:
+        os.environ.pop("MASTER_PORT", None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {}
+    for rank in (0, 1):
+        lines = (tmp_path / "pretrain" / f"seen_rank{rank}.txt").read_text().split("\n")
+        seen[rank] = [int(i) for line in lines if line for i in line.split()[1:]]
+    assert seen[0] and seen[1] and len(seen[0]) == len(seen[1])
+    assert not set(seen[0]) & set(seen[1])
+    assert (tmp_path / "pretrain" / "model.pt").exists()
+
+
+def test_comparison_writes_one_table_for_methods_and_lead_settings(tiny_run, tmp_path):
+    import compare
+
+    opts = [o for o in tiny_opts(tiny_run["shared"])]
+    rows = compare.run_comparison(tmp_path, ["lsemvae", "resnet1d"], ["6L", "12L"], opts=opts)
+    assert len(rows) == 4
+    md = (tmp_path / "results.md").read_text()
+    assert "LS-EMVAE" in md and "ResNet1d" in md and "6L" in md and "12L" in md and "ynthetic" in md
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert len(table) == 4 and set(table["leads"]) == {"6L", "12L"}
+    # one pre-training per VAE method, shared by both lead settings
+    assert (tmp_path / "lsemvae" / "pretrain" / "model.pt").exists()
+    assert not (tmp_path / "lsemvae" / "6L" / "pretrain").exists()
+    folds6 = pd.read_csv(tmp_path / "lsemvae" / "6L" / "folds.csv")
+    folds_r = pd.read_csv(tmp_path / "resnet1d" / "6L" / "folds.csv")
+    assert folds6["fold"].equals(folds_r["fold"])  # same folds for every method
+
+
+def test_command_line_options_may_follow_overrides():
+    import main as pipeline
+
+    args = pipeline.parse_args(["OUTPUT.DIR", "x", "--stage", "finetune", "--cfg", "6L", "TRAINER.DEVICES", "-1"])
+    assert args.stage == "finetune" and args.cfg == ["6L"]
+    assert args.opts == ["OUTPUT.DIR", "x", "TRAINER.DEVICES", "-1"]
+
+
+def test_comparison_command_line_separates_lists_from_overrides():
+    import compare
+
+    args = compare.parse_args(["--methods", "lsemvae", "mvae", "--leads", "6L", "12L", "TRAINER.PROGRESS_BAR", "False"])
+    assert args.methods == ["lsemvae", "mvae"] and args.leads == ["6L", "12L"]
+    assert args.opts == ["TRAINER.PROGRESS_BAR", "False"]

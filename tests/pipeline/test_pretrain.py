@@ -1,0 +1,165 @@
+"""Tests of kale_ext.pipeline.pretrain: split, sampler, reference terms, exact resume, weights-only loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from kale_ext.embed.lsemvae import build_model
+from kale_ext.pipeline.pretrain import (
+    EpochSeededSampler,
+    PretrainModule,
+    PretrainSettings,
+    SimulatedInterruption,
+    is_pretrained,
+    load_model,
+    reference_alignment,
+    run_pretraining,
+    split_by_subject,
+)
+from kale_ext.predict.losses import gaussian_kl
+
+LEADS = ("I", "II", "V1")
+T = 64
+
+
+class _TinyLeads(Dataset):
+    """Random smooth 3-lead signals with subject ids (two records per subject) and one absent lead in some."""
+
+    def __init__(self, n=24, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(n, 1, T, generator=g).cumsum(-1) / 8
+        self.x = base + 0.1 * torch.randn(n, len(LEADS), T, generator=g)
+        self.mask = torch.ones(n, len(LEADS), dtype=torch.bool)
+        self.mask[::5, 2] = False
+        self.leads = LEADS
+        self.subject_ids = np.array([f"s{i // 2}" for i in range(n)])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"signals": self.x[i], "mask": self.mask[i]}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("lsemvae", LEADS, T, 4)
+
+
+def _settings(**kw):
+    base = dict(
+        epochs=3,
+        batch_size=8,
+        lr=1e-3,
+        beta_warmup_epochs=2,
+        val_fraction=0.25,
+        seed=7,
+        accelerator="cpu",
+        devices=1,
+        progress_bar=False,
+        log_every_n_steps=1,
+    )
+    base.update(kw)
+    return PretrainSettings(**base)
+
+
+def test_split_by_subject_is_disjoint_seeded_and_sized():
+    subjects = np.repeat(np.arange(50).astype(str), 3)
+    train, val = split_by_subject(subjects, 0.1, seed=3)
+    assert set(subjects[train]).isdisjoint(subjects[val])
+    assert len(set(subjects[val])) == 5 and len(train) + len(val) == len(subjects)
+    again = split_by_subject(subjects, 0.1, seed=3)
+    other = split_by_subject(subjects, 0.1, seed=4)
+    assert np.array_equal(val, again[1]) and not np.array_equal(val, other[1])
+
+
+def test_sampler_order_depends_on_epoch_only_and_ranks_are_disjoint():
+    idx = np.arange(100, 123)
+    s = EpochSeededSampler(idx, seed=1)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(3)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first and sorted(first) == idx.tolist()
+    ranks = [EpochSeededSampler(idx, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(5)
+    a, b = list(ranks[0]), list(ranks[1])
+    assert len(a) == len(b) == 11 and not set(a) & set(b)
+
+
+def test_reference_alignment_matches_hand_computation():
+    mean = torch.randn(4, 3, 5)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    centre = mean.mean(0)
+    expected = 0.1 * torch.stack([((mean[i] - centre) ** 2).mean() for i in range(4)]).mean()
+    assert torch.allclose(reference_alignment(mean, mask, 0.1), expected, atol=1e-6)
+    # an absent lead leaves both the centre and the average
+    mask[3] = False
+    centre3 = mean[:3].mean(0)
+    expected3 = 0.1 * torch.stack([((mean[i] - centre3) ** 2).mean() for i in range(3)]).mean()
+    assert torch.allclose(reference_alignment(mean, mask, 0.1), expected3, atol=1e-6)
+
+
+def test_reference_mode_kl_is_on_the_mean_of_lead_encoders():
+    model = _model()
+    module = PretrainModule(model, loss_mode="reference", gamma=0.0, beta=1.0, beta_warmup_epochs=0)
+    data = _TinyLeads(6)
+    batch = {"signals": data.x[:6], "mask": torch.ones(6, 3, dtype=torch.bool)}
+    losses = module.compute_losses(batch, sample=False)
+    mean, log_var, _ = model.encode(batch["signals"], leads=LEADS)
+    expected = gaussian_kl(mean.mean(0), log_var.mean(0)).mean()
+    assert torch.allclose(losses["kl"], expected, atol=1e-5)
+    assert torch.allclose(losses["loss"], losses["recon"] + losses["kl"], atol=1e-4)
+
+
+def test_paper_mode_beta_anneals_per_step_and_reference_per_epoch():
+    module = PretrainModule(_model(), beta=0.5, beta_warmup_epochs=2, loss_mode="paper")
+    assert module.current_beta() == 0.0  # step 0 without a trainer
+    ref = PretrainModule(_model(), beta=1.0, beta_warmup_epochs=50, loss_mode="reference")
+    assert ref.current_beta() == 0.0
+    with pytest.raises(ValueError, match="paper"):
+        PretrainModule(_model(), loss_mode="bogus")
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    data = _TinyLeads()
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    full = _model(1)
+    run_pretraining(full, data, tmp_path / "full", _settings(), build_args=args)
+
+    killed = _model(1)
+    with pytest.raises(SimulatedInterruption):
+        run_pretraining(killed, data, tmp_path / "resumed", _settings(fail_at_epoch=2), build_args=args)
+    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").exists()
+    assert not is_pretrained(tmp_path / "resumed")
+    fresh = _model(99)  # a different initialisation: everything must come from the checkpoint
+    result = run_pretraining(fresh, data, tmp_path / "resumed", _settings(), build_args=args)
+    assert result.resumed_from is not None
+    a, b = full.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    assert max(diffs.values()) <= 1e-6, {k: v for k, v in diffs.items() if v > 1e-6}
+    # the weights moved from the initialisation (the test can fail)
+    init = _model(1).state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_outputs_load_with_weights_only(tmp_path):
+    data = _TinyLeads()
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    model = _model()
+    run_pretraining(model, data, tmp_path, _settings(epochs=1), build_args=args)
+    assert is_pretrained(tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "state_dict" in ckpt and ckpt["epoch"] == 0
+    assert json.loads((tmp_path / "model_args.json").read_text())["latent_dim"] == 4
+    rebuilt = load_model(tmp_path, lambda **kw: build_model(kw.pop("name"), **kw))
+    for k, v in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k].cpu(), v.cpu())
+    logs = list((tmp_path / "logs").rglob("metrics.csv"))
+    assert logs and "val/loss" in logs[0].read_text()
