@@ -107,14 +107,14 @@ def draw_subject(rng: np.random.Generator, mpap: float | None = None) -> dict:
     if mpap is not None:
         severity = float(np.clip((mpap - 18.0) / 22.0, 0.0, 1.6) * rng.lognormal(0.0, 0.45))
     s = severity
-    qrs_axis = rng.normal(45.0, 25.0) + 30.0 * s
-    p_axis = rng.normal(55.0, 14.0) + 15.0 * s
+    qrs_axis = rng.normal(45.0, 25.0) + 50.0 * s
+    p_axis = rng.normal(55.0, 14.0) + 20.0 * s
     t_axis = qrs_axis * 0.5 + rng.normal(22.0, 14.0)
     return {
         "severity": s,
         "heart_rate": float(np.clip(rng.normal(70.0, 11.0) + 6.0 * s, 45.0, 130.0)),
         "rr_jitter": float(rng.uniform(0.01, 0.05)),
-        "p": (rng.normal(0.11, 0.03) * (1.0 + 0.5 * s), _direction(p_axis, rng.normal(0.1, 0.15)), 0.022),
+        "p": (rng.normal(0.11, 0.03) * (1.0 + 0.9 * s), _direction(p_axis, rng.normal(0.1, 0.15)), 0.022),
         "q": (rng.normal(0.12, 0.04), _direction(qrs_axis + 180.0 + rng.normal(0, 25), rng.normal(0.3, 0.2)), 0.008),
         "r": (rng.normal(1.3, 0.3), _direction(qrs_axis, rng.normal(-0.45, 0.3)), 0.011),
         "s": (rng.normal(0.40, 0.12), _direction(qrs_axis + 160.0 + rng.normal(0, 20), rng.normal(-0.2, 0.3)), 0.012),
