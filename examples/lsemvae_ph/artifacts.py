@@ -2,6 +2,7 @@
 
 Stable names (the interpretation stage depends on them):
 
+- ``is_synthetic(cfg) -> bool``: whether the run used the embedded synthetic cohort.
 - ``finetune_dataset(cfg) -> ECGLeadDataset``: the labelled records of the run, items with ``label``.
 - ``load_folds(cfg) -> DataFrame``: ``record_id, subject_id, label, fold, threshold`` (one row per record, in the
   order of ``finetune_dataset(cfg)``).
@@ -27,6 +28,11 @@ def _main():
     import main as main_module  # the example's main.py, beside this file
 
     return main_module
+
+
+def is_synthetic(cfg: CfgNode) -> bool:
+    """True when the run uses the embedded synthetic cohort (no data sources configured)."""
+    return bool(_main().is_synthetic(cfg))
 
 
 def finetune_dataset(cfg: CfgNode):

@@ -9,6 +9,8 @@ Clinical thresholds (mPAP 20 mmHg, PAWP 15 mmHg) live here, not in the library.
 
 from yacs.config import CfgNode
 
+from kale_ext.embed.lsemvae import MODEL_NAMES
+
 _C = CfgNode()
 
 # Global seed: model initialisation, train/validation split, sampler order, per-epoch reseeding.
@@ -243,17 +245,7 @@ _C.OUTPUT.DIR = "outputs/lsemvae_ph"
 _C.OUTPUT.METHOD_LABEL = ""
 
 ACCEPTED = {
-    "MODEL.NAME": (
-        "lsemvae",
-        "lsemvae_reference",
-        "mvae",
-        "mopoe",
-        "mmvae",
-        "betavae",
-        "multimodal_cnn",
-        "resnet1d",
-        "xresnet1d",
-    ),
+    "MODEL.NAME": MODEL_NAMES,
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "FINETUNE.FEATURES": ("concat_means", "fused_mean"),

@@ -124,7 +124,7 @@ def run_interpret(cfg: CfgNode) -> Path:
     leads = tuple(dataset.leads)
     labels = folds["label"].to_numpy().astype(int)
     vae = artifacts.load_pretrained_model(cfg, device)
-    synthetic = bool(artifacts._main().is_synthetic(cfg))
+    synthetic = artifacts.is_synthetic(cfg)
     logger.info(
         "interpreting %s on %d records, leads %s (%s data)",
         cfg.MODEL.NAME,

@@ -326,3 +326,24 @@ def test_comparison_command_line_separates_lists_from_overrides():
     args = compare.parse_args(["--methods", "lsemvae", "mvae", "--leads", "6L", "12L", "TRAINER.PROGRESS_BAR", "False"])
     assert args.methods == ["lsemvae", "mvae"] and args.leads == ["6L", "12L"]
     assert args.opts == ["TRAINER.PROGRESS_BAR", "False"]
+
+
+def test_interpret_stage_on_the_runs_own_outputs(tiny_run):
+    """--stage interpret reads the finished run (no stand-ins): one row per lead in use, shares summing to 1."""
+    out = tiny_run["out"]
+    opts = [*tiny_opts(tiny_run["shared"]), "OUTPUT.DIR", str(out), "INTERPRET.N_STEPS", "8", "INTERPRET.SUBJECTS", "1"]
+    proc = _run_main(["--cfg", "6L.yaml", "--stage", "interpret", *opts])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = out / "interpret"
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF"]
+    importance = pd.read_csv(folder / "lead_importance.csv")
+    assert sorted(importance["lead"]) == sorted(leads)
+    assert np.isclose(importance["share_mean"].sum(), 1.0, atol=1e-6)
+    assert sorted(pd.read_csv(folder / "lead_ablation.csv")["lead"]) == sorted(leads)
+    waves = pd.read_csv(folder / "wave_attribution.csv")
+    share_cols = [c for c in waves.columns if c.startswith("share_")]
+    assert np.allclose(waves[share_cols].sum(axis=1), 1.0, atol=1e-6)
+    gates = pd.read_csv(folder / "gate_weights.csv")
+    assert np.isclose(gates["weight_mean"].sum(), 1.0, atol=1e-5) and "shared (PoE)" in set(gates["expert"])
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert "lead_importance.png" in pngs and any(p.startswith("subject_") for p in pngs)

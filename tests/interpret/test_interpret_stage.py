@@ -8,7 +8,6 @@ demo output is exercised by the example's end-to-end run.
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -79,7 +78,7 @@ def stage(monkeypatch):
     monkeypatch.setattr(artifacts, "load_folds", lambda cfg: folds)
     monkeypatch.setattr(artifacts, "load_pretrained_model", lambda cfg, device="cpu": vae)
     monkeypatch.setattr(artifacts, "load_fold_classifier", classifier)
-    monkeypatch.setattr(artifacts, "_main", lambda: SimpleNamespace(is_synthetic=lambda cfg: True))
+    monkeypatch.setattr(artifacts, "is_synthetic", lambda cfg: True)
     return interpret_stage, config
 
 
