@@ -7,7 +7,8 @@ float32 on the CPU. Variants:
   fusion (HiME ``mode="reference"``) and a decoder without lead input called once per lead (as the authors' code).
 - ``lsemvae:<impl>``: :class:`kale_ext.embed.lsemvae.LSEMVAE` (gated HiME, lead-conditioned shared decoder: 12
   real decodes) with ``conv_impl`` ``conv`` (grouped Conv1d / ConvTranspose1d), ``conv2d`` (height-1
-  channels-last Conv2d) or ``matmul`` (channels-last batched matmuls).
+  channels-last Conv2d), ``matmul`` (channels-last batched matmuls) or ``blockdiag`` (dense channels-last Conv2d with
+  block-diagonal weights; what ``auto``, the model default, picks on CUDA).
 - ``identical:<impl>``: LSEMVAE's batched encoders with the authors' identical decoder (decoded once).
 
 Prints samples/s per variant, the ratio of each to ``loop``, peak GPU memory, and a final JSON line. Warm-up steps
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latent-dim", type=int, default=256)
     parser.add_argument(
         "--variants",
-        default="loop,lsemvae:conv,lsemvae:conv2d,lsemvae:matmul,identical:conv",
-        help="comma list: loop, lsemvae:<impl>, identical:<impl>; impl = conv, conv2d or matmul",
+        default="loop,lsemvae:conv,lsemvae:blockdiag,lsemvae:conv2d,lsemvae:matmul,identical:conv,identical:blockdiag",
+        help="comma list: loop, lsemvae:<impl>, identical:<impl>; impl = conv, conv2d, matmul, blockdiag or auto",
     )
     args = parser.parse_args(argv)
     if args.small:

@@ -55,7 +55,8 @@ class LSEMVAE(MultimodalVAE):
         fusion_mode: ``"paper"`` or ``"reference"`` (the authors' grouped averaging; see HiME).
         decoder_mode: ``"lead"`` (lead-conditioned) or ``"identical"`` (the authors' decoder).
         lead_dropout: training-time lead dropout probability (see MultimodalVAE).
-        conv_impl: ``"conv"`` or ``"matmul"`` for encoder and decoder convolutions (same maths).
+        conv_impl: how the small convolutions run (same maths): ``"auto"`` (block-diagonal dense kernels on CUDA,
+            grouped kernels elsewhere), ``"conv"``, ``"conv2d"``, ``"matmul"`` or ``"blockdiag"``.
         gate_hidden_dim: hidden width of the gate.
         generator: torch.Generator for lead dropout and sampling.
     """
@@ -72,7 +73,7 @@ class LSEMVAE(MultimodalVAE):
         fusion_mode: str = "paper",
         decoder_mode: str = "lead",
         lead_dropout: float = 0.0,
-        conv_impl: str = "conv",
+        conv_impl: str = "auto",
         gate_hidden_dim: int = 64,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -156,7 +157,7 @@ def build_model(
         options.setdefault("decoder_mode", "identical")
         return LSEMVAE(lead_names, input_dim, latent_dim, **options)
     common = {key: options.pop(key) for key in ("lead_dropout", "generator") if key in options}
-    conv_impl = options.pop("conv_impl", "conv")
+    conv_impl = options.pop("conv_impl", "auto")
     if name == "betavae":
         encoder = JointSignalVAEEncoder(num_leads, input_dim, latent_dim, **options)
         decoder = JointSignalDecoder(num_leads, input_dim, latent_dim)

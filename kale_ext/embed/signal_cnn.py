@@ -5,8 +5,10 @@ The paper's lead expert (Suvon et al., arXiv 2503.13470; the architecture of
 (kernel 3, stride 2, padding 1, ReLU) followed by two linear heads to the mean and log-variance. The authors run
 one such module per lead in a Python loop. :class:`LeadwiseSignalVAEEncoder` holds the weights of all ``L`` lead
 encoders in stacked tensors and computes them in one pass, with grouped convolutions (``conv_impl="conv"``),
-height-1 channels-last grouped ``Conv2d`` (``"conv2d"``) or channels-last batched matrix products (``"matmul"``);
-all give the same numbers as ``L`` independent PyKale modules (see ``tests/embed/test_signal_cnn.py``).
+height-1 channels-last grouped ``Conv2d`` (``"conv2d"``), channels-last batched matrix products (``"matmul"``) or
+dense channels-last ``Conv2d`` with block-diagonal weights (``"blockdiag"``: the grouped maths plus exact zeros, so
+cuDNN's dense tensor-core kernels replace its grouped ones); all give the same numbers as ``L`` independent PyKale
+modules (see ``tests/embed/test_signal_cnn.py``).
 
 Decoders:
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from kale_ext.embed.fusion import bound_log_var
 
-CONV_IMPLS = ("conv", "conv2d", "matmul")
+CONV_IMPLS = ("auto", "conv", "conv2d", "matmul", "blockdiag")
 DECODER_MODES = ("lead", "identical")
 
 
@@ -58,9 +60,52 @@ def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
         return tensor.uniform_(-bound, bound)
 
 
+def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
+    """The implementation that ``conv_impl`` stands for on ``device``.
+
+    ``"auto"`` is ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x the grouped form uncompiled and 2.2x with
+    ``torch.compile`` on an H200, see docs/models.md) and ``"conv"`` elsewhere (grouped kernels are the fastest on
+    CPU). Every other value stands for itself. All implementations share the parameters and the maths.
+
+    Args:
+        conv_impl: one of ``CONV_IMPLS``.
+        device: device of the input.
+
+    Returns:
+        a concrete implementation name (never ``"auto"``).
+    """
+    if conv_impl != "auto":
+        return conv_impl
+    return "blockdiag" if device.type == "cuda" else "conv"
+
+
 def _check_impl(conv_impl: str) -> None:
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+
+
+def _block_diagonal(weight: Tensor) -> Tensor:
+    """Per-lead convolution weights as one dense weight with the lead blocks on its diagonal.
+
+    Args:
+        weight: (L, C_out, C_in, k) per-lead weights (or (C_in, C_out, k) shared transposed-conv weights, see
+            ``_block_diagonal_transposed``).
+
+    Returns:
+        (L * C_out, L * C_in, k): block (l, l) is ``weight[l]``, every other block is exactly zero, so a dense
+        convolution with it computes the L grouped convolutions (the zeros add exact zeros). Dense convolutions with
+        a few hundred channels run on the tensor cores without the grouped-convolution kernels' overheads.
+    """
+    leads, c_out, c_in, k = weight.shape
+    eye = torch.eye(leads, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("lm,loik->lomik", eye, weight).reshape(leads * c_out, leads * c_in, k)
+
+
+def _block_diagonal_transposed(weight: Tensor, leads: int) -> Tensor:
+    """A shared transposed-conv weight (C_in, C_out, k) repeated on the diagonal: (L * C_in, L * C_out, k)."""
+    c_in, c_out, k = weight.shape
+    eye = torch.eye(leads, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("lm,iok->limok", eye, weight).reshape(leads * c_in, leads * c_out, k)
 
 
 def _strided_conv_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -121,9 +166,11 @@ class LeadwiseSignalVAEEncoder(nn.Module):
         input_dim: samples per lead T (any positive length).
         latent_dim: latent size D.
         channels: convolution widths (the paper: 16, 32, 64).
-        conv_impl: ``"conv"`` (grouped Conv1d, lead-major channels), ``"conv2d"`` (grouped height-1 Conv2d on
-            channels-last tensors) or ``"matmul"`` (channels-last batched matmuls); the maths is identical, only the
-            speed differs by device (see benchmarks/pretrain_throughput.py).
+        conv_impl: ``"auto"`` (the default, see ``resolve_conv_impl``), ``"conv"`` (grouped Conv1d, lead-major
+            channels), ``"conv2d"`` (grouped height-1 Conv2d on
+            channels-last tensors), ``"matmul"`` (channels-last batched matmuls) or ``"blockdiag"`` (dense channels-last
+            Conv2d with block-diagonal weights); the maths is identical, only the speed differs by device (see
+            benchmarks/pretrain_throughput.py).
 
     Attributes:
         conv_weights: per layer (L, C_out, C_in, 3). conv_biases: per layer (L, C_out).
@@ -136,7 +183,7 @@ class LeadwiseSignalVAEEncoder(nn.Module):
         input_dim: int,
         latent_dim: int,
         channels: Sequence[int] = (16, 32, 64),
-        conv_impl: str = "conv",
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         _check_impl(conv_impl)
@@ -183,10 +230,13 @@ class LeadwiseSignalVAEEncoder(nn.Module):
                 f"expected signals of shape (batch, {leads}, {self.input_dim}), got {tuple(x.shape)}; "
                 "pass lead_index naming the encoder of each channel when encoding a subset"
             )
-        if self.conv_impl == "conv":
+        impl = resolve_conv_impl(self.conv_impl, x.device)
+        if impl == "conv":
             h = self._features_conv(x, conv_w, conv_b)  # (L', B, F)
-        elif self.conv_impl == "conv2d":
+        elif impl == "conv2d":
             h = self._features_conv2d(x, conv_w, conv_b)
+        elif impl == "blockdiag":
+            h = self._features_blockdiag(x, conv_w, conv_b)
         else:
             h = self._features_matmul(x, conv_w, conv_b)
             # Channels-last features are time-major: reorder the head's columns to match (a cheap weight copy).
@@ -214,6 +264,15 @@ class LeadwiseSignalVAEEncoder(nn.Module):
             h = F.relu(F.conv2d(h, w2, b.reshape(-1), stride=(1, 2), padding=(0, 1), groups=leads))
         return h.reshape(h.shape[0], leads, -1).transpose(0, 1)
 
+    def _features_blockdiag(self, x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor]) -> Tensor:
+        # Dense height-1 Conv2d (channels-last) with block-diagonal weights: the same maths as the grouped form.
+        leads = conv_w[0].shape[0]
+        h = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        for w, b in zip(conv_w, conv_b):
+            w2 = _block_diagonal(w).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            h = F.relu(F.conv2d(h, w2, b.reshape(-1), stride=(1, 2), padding=(0, 1)))
+        return h.reshape(h.shape[0], leads, -1).transpose(0, 1)
+
     def _features_matmul(self, x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor]) -> Tensor:
         h = x.transpose(0, 1).unsqueeze(-1)  # (L', B, T, 1) channels-last
         for w, b in zip(conv_w, conv_b):
@@ -239,7 +298,7 @@ class LeadwiseSignalVAEEncoder(nn.Module):
 
     @classmethod
     def from_kale(
-        cls, encoders: Sequence[nn.Module], input_dim: int | None = None, conv_impl: str = "conv"
+        cls, encoders: Sequence[nn.Module], input_dim: int | None = None, conv_impl: str = "auto"
     ) -> LeadwiseSignalVAEEncoder:
         """Stack the weights of PyKale ``SignalVAEEncoder`` modules, one per lead, in lead order.
 
@@ -326,8 +385,10 @@ class SharedLeadDecoder(nn.Module):
         latent_dim: latent size D.
         mode: ``"lead"`` or ``"identical"``.
         channels: widths after the linear layer (the paper: 64, 32, 16; the last layer has 1 channel).
-        conv_impl: ``"conv"`` (``conv_transpose1d``), ``"conv2d"`` (height-1 ``conv_transpose2d``, channels-last)
-            or ``"matmul"`` (channels-last matmuls); same maths.
+        conv_impl: ``"auto"`` (the default, see ``resolve_conv_impl``), ``"conv"`` (``conv_transpose1d``),
+            ``"conv2d"`` (height-1 ``conv_transpose2d``, channels-last),
+            ``"matmul"`` (channels-last matmuls) or ``"blockdiag"`` (leads in the channels, the shared weight
+            repeated on a block diagonal, dense channels-last kernels); same maths.
     """
 
     def __init__(
@@ -337,7 +398,7 @@ class SharedLeadDecoder(nn.Module):
         latent_dim: int,
         mode: str = "lead",
         channels: Sequence[int] = (64, 32, 16),
-        conv_impl: str = "conv",
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         _check_impl(conv_impl)
@@ -369,35 +430,54 @@ class SharedLeadDecoder(nn.Module):
             (B, L, T) reconstructions.
         """
         batch = z.shape[0]
-        if self.conv_impl == "matmul":
+        impl = resolve_conv_impl(self.conv_impl, z.device)
+        if impl == "blockdiag" and self.mode == "lead":
+            return self._forward_blockdiag(z)
+        if impl == "matmul":
             # Time-major rows so the linear output is already channels-last (a cheap weight permutation).
             c0, t0 = self.channels[0], self.feature_length
             w = self.fc.weight.view(c0, t0, -1).transpose(0, 1).reshape(self.flat_dim, -1)
             b = self.fc.bias.view(c0, t0).t().reshape(-1)
         else:
             w, b = self.fc.weight, self.fc.bias
-        h = self._layer(0, self._unflatten(F.linear(z, w, b)))
+        h = self._layer(0, self._unflatten(F.linear(z, w, b), impl), impl)
         if self.mode == "lead":
             # The first transposed convolution is linear too: conv(h + W e_l) = conv(h) + conv_nobias(W e_l), so
             # it runs once per sample and the lead term (L rows) is added before its ReLU; from there on the
             # leads are folded into the batch.
-            lead = self._layer(0, self._unflatten(F.linear(self.lead_embedding, w)), bias=False).to(h.dtype)
-            h = (h.unsqueeze(1) + lead.unsqueeze(0)).flatten(0, 1)
-            if self.conv_impl == "conv2d":
+            lead = self._layer(0, self._unflatten(F.linear(self.lead_embedding, w), impl), impl, bias=False)
+            h = (h.unsqueeze(1) + lead.to(h.dtype).unsqueeze(0)).flatten(0, 1)
+            if impl in ("conv2d", "blockdiag"):
                 h = h.contiguous(memory_format=torch.channels_last)
         for i in range(1, len(self.deconvs)):
-            h = self._layer(i, F.relu(h))
+            h = self._layer(i, F.relu(h), impl)
         out = self._fit_length(self._flatten(h))  # (N, T)
         if self.mode == "lead":
             return out.view(batch, self.num_leads, self.output_dim)
         return out.unsqueeze(1).expand(batch, self.num_leads, self.output_dim)
 
-    def _unflatten(self, h: Tensor) -> Tensor:
-        # (N, F) -> the layout of conv_impl.
-        if self.conv_impl == "matmul":
+    def _forward_blockdiag(self, z: Tensor) -> Tensor:
+        # As the lead mode above, but the leads go into the channels (lead-major) instead of the batch, and the
+        # remaining transposed convolutions use the shared weight repeated on a block diagonal: dense kernels.
+        batch, leads = z.shape[0], self.num_leads
+        w, b = self.fc.weight, self.fc.bias
+        h = self._layer(0, self._unflatten(F.linear(z, w, b), "blockdiag"), "blockdiag")  # (B, C1, 1, T1)
+        lead = self._layer(0, self._unflatten(F.linear(self.lead_embedding, w), "blockdiag"), "blockdiag", bias=False)
+        lead = lead.to(h.dtype)
+        h = (h.unsqueeze(1) + lead.unsqueeze(0)).flatten(1, 2)  # (B, L * C1, 1, T1)
+        h = h.contiguous(memory_format=torch.channels_last)
+        for i in range(1, len(self.deconvs)):
+            deconv = self.deconvs[i]
+            w2 = _block_diagonal_transposed(deconv.weight, leads).unsqueeze(2)
+            h = F.conv_transpose2d(F.relu(h), w2, deconv.bias.repeat(leads), stride=(1, 2), padding=(0, 1))
+        return self._fit_length(h.reshape(batch, leads, -1))
+
+    def _unflatten(self, h: Tensor, impl: str) -> Tensor:
+        # (N, F) -> the layout of the implementation.
+        if impl == "matmul":
             return h.view(h.shape[0], self.feature_length, self.channels[0])
         h = h.view(h.shape[0], self.channels[0], self.feature_length)
-        if self.conv_impl == "conv2d":
+        if impl in ("conv2d", "blockdiag"):
             h = h.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         return h
 
@@ -405,12 +485,12 @@ class SharedLeadDecoder(nn.Module):
         # Last layer output (1 channel) -> (N, 8 * ceil(T/8)).
         return h.reshape(h.shape[0], -1)
 
-    def _layer(self, i: int, h: Tensor, bias: bool = True) -> Tensor:
+    def _layer(self, i: int, h: Tensor, impl: str, bias: bool = True) -> Tensor:
         deconv = self.deconvs[i]
         b = deconv.bias if bias else None
-        if self.conv_impl == "matmul":
+        if impl == "matmul":
             return _transposed_conv_matmul(h, deconv.weight, b if b is not None else torch.zeros_like(deconv.bias))
-        if self.conv_impl == "conv2d":
+        if impl in ("conv2d", "blockdiag"):
             return F.conv_transpose2d(h, deconv.weight.unsqueeze(2), b, stride=(1, 2), padding=(0, 1))
         return F.conv_transpose1d(h, deconv.weight, b, stride=2, padding=1)
 

@@ -13,6 +13,7 @@ from kale_ext.embed.signal_cnn import (
     LeadwiseSignalVAEEncoder,
     SharedLeadDecoder,
     conv_output_length,
+    resolve_conv_impl,
 )
 
 kale_cnn = pytest.importorskip("kale.embed.signal_cnn")
@@ -175,3 +176,25 @@ def test_joint_encoder_decoder_shapes():
     mean, log_var = enc(torch.randn(2, 12, 99))
     assert mean.shape == log_var.shape == (1, 2, 5)
     assert JointSignalDecoder(12, 99, 5)(mean[0]).shape == (2, 12, 99)
+
+
+def test_auto_implementation_resolves_by_device_and_block_diagonal_equals_grouped():
+    """auto = grouped kernels on CPU, block-diagonal dense kernels on CUDA; the two give the same numbers."""
+    assert resolve_conv_impl("auto", torch.device("cpu")) == "conv"
+    assert resolve_conv_impl("auto", torch.device("cuda")) == "blockdiag"
+    assert resolve_conv_impl("matmul", torch.device("cuda")) == "matmul"
+    grouped = LeadwiseSignalVAEEncoder(4, 37, 3, conv_impl="conv")
+    dense = LeadwiseSignalVAEEncoder(4, 37, 3, conv_impl="blockdiag")
+    dense.load_state_dict(grouped.state_dict())
+    x = torch.randn(5, 4, 37)
+    for a, b in zip(grouped(x), dense(x)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    dec_a = SharedLeadDecoder(4, 37, 3, conv_impl="conv")
+    dec_b = SharedLeadDecoder(4, 37, 3, conv_impl="blockdiag")
+    dec_b.load_state_dict(dec_a.state_dict())
+    z = torch.randn(5, 3, requires_grad=True)
+    out_a, out_b = dec_a(z), dec_b(z)
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    (ga,) = torch.autograd.grad(out_a.square().sum(), z)
+    (gb,) = torch.autograd.grad(out_b.square().sum(), z)
+    torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-4)
