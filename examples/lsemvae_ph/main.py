@@ -389,6 +389,7 @@ def pretrain_settings(cfg: CfgNode):
         resume=p.RESUME,
         fail_at_epoch=p.DEBUG_FAIL_AT_EPOCH,
         log_indices=p.DEBUG_LOG_INDICES,
+        compile=p.COMPILE,
     )
 
 

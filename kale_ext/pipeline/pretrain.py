@@ -232,6 +232,8 @@ class PretrainModule(pl.LightningModule):
         gamma: alignment weight (0 = no alignment).
         loss_mode: "paper" or "reference" (see the module docstring).
         log_indices_to: folder where each rank appends the record indices it trained on (debug), or None.
+        compile: run the model's forward through ``torch.compile`` (the parameters, state dict and checkpoints are
+            unchanged; on a GPU this is where the block-diagonal convolutions pay off, see docs/models.md).
     """
 
     def __init__(
@@ -245,11 +247,14 @@ class PretrainModule(pl.LightningModule):
         gamma: float = 1.0,
         loss_mode: str = "paper",
         log_indices_to: str | Path | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         if loss_mode not in LOSS_MODES:
             raise ValueError(f"loss_mode {loss_mode!r} is not accepted; use one of {LOSS_MODES}")
         self.model = model
+        # A compiled view of the same forward: the module and its parameters stay as they are.
+        self._forward = torch.compile(model.forward) if compile else model.forward
         self.leads = tuple(leads) if leads is not None else tuple(model.lead_names)
         unknown = [lead for lead in self.leads if lead not in model.lead_names]
         if unknown:
@@ -305,7 +310,7 @@ class PretrainModule(pl.LightningModule):
         target, full_mask = self._full_width(x, mask)
         beta = self.current_beta()
         if self.loss_mode == "paper":
-            out = self.model(x, mask=mask, leads=self.leads, sample=sample)
+            out = self._forward(x, mask=mask, leads=self.leads, sample=sample)
             fusion = out.fusion
             terms = multimodal_elbo(
                 out.recon.float(), target, fusion.mean.float(), fusion.log_var.float(), beta, mask=full_mask
@@ -446,6 +451,7 @@ class PretrainSettings:
     resume: bool = True
     fail_at_epoch: int = -1
     log_indices: bool = False
+    compile: bool = False
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -507,6 +513,7 @@ def run_pretraining(
         gamma=settings.gamma,
         loss_mode=settings.loss_mode,
         log_indices_to=out_dir if settings.log_indices else None,
+        compile=settings.compile,
     )
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers
