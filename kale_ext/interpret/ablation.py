@@ -17,19 +17,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from kale_ext.evaluate.metrics import auroc
 from kale_ext.interpret.attribution import predict_proba, summarise_over_folds
 
 logger = logging.getLogger(__name__)
-
-
-def _auroc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """AUROC, or NaN (with a warning) when one class is missing."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y_true)) < 2:
-        logger.warning("AUROC undefined: only one class among %d records; reported as NaN", len(y_true))
-        return float("nan")
-    return float(roc_auc_score(y_true, score))
 
 
 def lead_ablation(
@@ -63,7 +54,7 @@ def lead_ablation(
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool)
     mask = mask.bool()
-    full = _auroc(y, predict_proba(model, x, mask, batch_size)[:, positive_class].numpy())
+    full = auroc(y, predict_proba(model, x, mask, batch_size)[:, positive_class].numpy())
     rows = []
     for j, lead in enumerate(lead_names):
         if not mask[:, j].any():
@@ -73,7 +64,7 @@ def lead_ablation(
         if not ablated_mask.any(dim=1).all():
             logger.warning("masking %s leaves some records with no lead at all; the model must handle that", lead)
         score = predict_proba(model, x, ablated_mask, batch_size)[:, positive_class].numpy()
-        ablated = _auroc(y, score)
+        ablated = auroc(y, score)
         rows.append(
             {
                 "lead": lead,
