@@ -121,3 +121,88 @@ def test_light_imports(module):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+ROOT = PACKAGE.parent
+CODE_DIRS = [PACKAGE, ROOT / "examples", ROOT / "benchmarks"]
+
+
+def _module_name(path: Path) -> str:
+    """Dotted name of a library module, or the bare name of a script module (imported from its own folder)."""
+    if PACKAGE in path.parents or path.parent == PACKAGE:
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return path.stem
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = [p for d in CODE_DIRS for p in d.rglob("*.py") if "__pycache__" not in p.parts]
+    names = {_module_name(p): p for p in files}
+    graph = {name: set() for name in names}
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                if target in names and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_in_the_library_the_examples_or_the_benchmarks():
+    """Imports anywhere (function-level ones too) form no cycle."""
+    cycle = _find_cycle(_import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_can_fail():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_registered_model_has_a_label_and_a_config_yaml():
+    """Adding a model means a registry entry and a yaml naming it in configs/; both are checked here."""
+    import yaml
+
+    from kale_ext.embed.zoo import MODELS
+
+    named = {}
+    for path in (ROOT / "configs").glob("*.yaml"):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        name = (data.get("MODEL") or {}).get("NAME")
+        if name:
+            named.setdefault(name, []).append(path.name)
+    missing = [name for name in MODELS if name not in named]
+    assert not missing, f"registry models without a configs/*.yaml naming them: {missing}"
+    unknown = sorted(set(named) - set(MODELS))
+    assert not unknown, f"configs name models the registry does not have: {unknown} ({named})"
+    assert all(spec.label for spec in MODELS.values())

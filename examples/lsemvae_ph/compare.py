@@ -25,6 +25,9 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import main as pipeline  # noqa: E402
+from layout import RunLayout  # noqa: E402
+
+from kale_ext.evaluate.reports import results_row, write_results_table  # noqa: E402
 
 DEFAULT_METHODS = ("lsemvae", "ablation_no_align", "mvae", "resnet1d", "xresnet1d")
 
@@ -46,8 +49,6 @@ def run_comparison(
     Returns:
         The result rows (one per method and lead setting).
     """
-    from kale_ext.evaluate.reports import results_row, write_results_table
-
     out_dir = Path(out_dir)
     shared = [
         "DATASET.CACHE_DIR",
@@ -76,8 +77,9 @@ def run_comparison(
             summary = pipeline.run(cfg, "all")
             if summary is None:  # a non-zero DDP rank
                 return rows
-            rows.append(results_row(pipeline.method_label(cfg), leads, summary))
-            synthetic, task = pipeline.is_synthetic(cfg), pipeline.task_name(cfg)
+            layout = RunLayout.from_cfg(cfg)
+            rows.append(results_row(layout.method_label, leads, summary))
+            synthetic, task = layout.synthetic, layout.task
             timings[f"{method}/{leads}"] = round(time.time() - start, 1)
             print(f"{method} {leads}: AUROC {summary['auroc']['mean']:.3f} ({timings[f'{method}/{leads}']} s)")
     write_results_table(

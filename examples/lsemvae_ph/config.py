@@ -7,9 +7,14 @@ the command line override both. ``get_cfg_defaults()`` returns a clone, so calle
 Clinical thresholds (mPAP 20 mmHg, PAWP 15 mmHg) live here, not in the library.
 """
 
+from pathlib import Path
+
 from yacs.config import CfgNode
 
-from kale_ext.embed.lsemvae import MODEL_NAMES
+from kale_ext.embed.conv_ops import CONV_IMPLS
+from kale_ext.embed.zoo import MODELS
+from kale_ext.loaddata.leads import resolve_leads
+from kale_ext.predict.heads import FEATURE_MODES
 
 _C = CfgNode()
 
@@ -81,8 +86,8 @@ _C.TASK.PAWP_COLUMN = "PAWP"
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 _C.MODEL = CfgNode()
-# One of: lsemvae, lsemvae_reference, mvae, mopoe, mmvae, betavae (pre-trained, frozen) or
-# multimodal_cnn, resnet1d, xresnet1d (supervised, trained end to end in fine-tuning).
+# A name of the model registry kale_ext.embed.zoo.MODELS: lsemvae, lsemvae_reference, mvae, mopoe, mmvae, betavae
+# (pre-trained, frozen) or multimodal_cnn, resnet1d, xresnet1d (trained end to end in fine-tuning).
 _C.MODEL.NAME = "lsemvae"
 # Latent dimension D of every lead expert (paper: 256).
 _C.MODEL.LATENT_DIM = 256
@@ -96,6 +101,9 @@ _C.MODEL.NO_GATE = False
 _C.MODEL.USE_PRIOR = True
 # Channel widths of the four stages of resnet1d / xresnet1d; empty = the published (64, 128, 256, 512).
 _C.MODEL.BASELINE_WIDTHS = []
+# How the small per-lead convolutions run (same maths and state dict): "auto" (block-diagonal dense kernels on CUDA,
+# grouped kernels elsewhere), "conv", "conv2d", "matmul" or "blockdiag" (kale_ext.embed.conv_ops).
+_C.MODEL.CONV_IMPL = "auto"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training (self-supervised, all leads of DATASET.PRETRAIN_LEADS)
@@ -131,10 +139,6 @@ _C.PRETRAIN.LOSS_MODE = "paper"
 _C.PRETRAIN.VAL_FRACTION = 0.1
 # Resume from <PRETRAIN.DIR>/checkpoints/last.ckpt when present.
 _C.PRETRAIN.RESUME = True
-# Debug: raise at the start of this epoch (0-based) to simulate a killed run (-1 = off).
-_C.PRETRAIN.DEBUG_FAIL_AT_EPOCH = -1
-# Debug: each process writes the record indices it trained on to <PRETRAIN.DIR>/seen_rank<k>.txt.
-_C.PRETRAIN.DEBUG_LOG_INDICES = False
 # Run the model's forward through torch.compile (GPU speed: ~2x per step with the default block-diagonal
 # convolutions on an H200, see docs/models.md; the first steps pay the compile time; checkpoints are unchanged).
 _C.PRETRAIN.COMPILE = False
@@ -248,15 +252,15 @@ _C.OUTPUT.DIR = "outputs/lsemvae_ph"
 _C.OUTPUT.METHOD_LABEL = ""
 
 ACCEPTED = {
-    "MODEL.NAME": MODEL_NAMES,
+    "MODEL.NAME": tuple(MODELS),
+    "MODEL.CONV_IMPL": CONV_IMPLS,
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
-    "FINETUNE.FEATURES": ("concat_means", "fused_mean"),
+    "FINETUNE.FEATURES": FEATURE_MODES,
     "FINETUNE.LOSS": ("focal", "cross_entropy"),
     "FINETUNE.OPTIMIZER": ("adamw", "adam"),
     "TRAINER.ACCELERATOR": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
-SUPERVISED_MODELS = ("multimodal_cnn", "resnet1d", "xresnet1d")
 STAGES = ("prepare", "pretrain", "finetune", "evaluate", "predict", "interpret", "all")
 
 
@@ -281,8 +285,6 @@ def validate_cfg(cfg: CfgNode) -> None:
         value = _get(cfg, key)
         if value not in accepted:
             raise ValueError(f"{key} = {value!r} is not accepted; use one of: {', '.join(accepted)}")
-    from kale_ext.loaddata.leads import resolve_leads
-
     for key in ("DATASET.LEADS", "DATASET.PRETRAIN_LEADS"):
         try:
             resolve_leads(parse_leads(_get(cfg, key)))
@@ -294,7 +296,7 @@ def validate_cfg(cfg: CfgNode) -> None:
     leads = resolve_leads(parse_leads(cfg.DATASET.LEADS))
     pre = resolve_leads(parse_leads(cfg.DATASET.PRETRAIN_LEADS))
     missing = [lead for lead in leads if lead not in pre]
-    if missing and cfg.MODEL.NAME not in SUPERVISED_MODELS:
+    if missing and MODELS[cfg.MODEL.NAME].pretrained:
         raise ValueError(
             f"DATASET.LEADS uses {missing}, which pre-training (DATASET.PRETRAIN_LEADS {cfg.DATASET.PRETRAIN_LEADS}) "
             "has no encoder for; add them to DATASET.PRETRAIN_LEADS"
@@ -330,3 +332,37 @@ def parse_leads(value: str) -> str | list[str]:
     if "," in value:
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def resolve_cfg_path(name: str) -> Path:
+    """A YAML config given as a path, or as a bare name (with or without .yaml) looked up in ``configs/``.
+
+    Only YAML is accepted: yacs would execute a ``.py`` config as Python.
+    """
+    path = Path(name)
+    candidates = [path, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"config {name!r} not found as a path or in {CONFIG_DIR}; available: {known}")
+    if found.suffix.lower() not in CONFIG_SUFFIXES:
+        raise ValueError(f"config {found} is not a YAML file; configs are accepted only as .yaml/.yml")
+    return found
+
+
+def load_cfg(cfg_files: list[str] | None = None, opts: list[str] | None = None) -> CfgNode:
+    """Merge the defaults, the config files (in order) and ``KEY VALUE`` overrides; validate; freeze."""
+    cfg = get_cfg_defaults()
+    for name in cfg_files or []:
+        cfg.merge_from_file(str(resolve_cfg_path(name)))
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
+        cfg.merge_from_list(list(opts))
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg

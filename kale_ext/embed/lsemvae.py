@@ -1,10 +1,8 @@
-"""LS-EMVAE in its paper configuration, and every compared model as a configuration (:func:`build_model`).
+"""LS-EMVAE in its paper configuration.
 
 LS-EMVAE: Suvon et al., "Multimodal Lead-Specific Modeling of ECG for Low-Cost Pulmonary Hypertension
-Assessment" (arXiv 2503.13470). Baselines: MVAE (Wu and Goodman 2018), MoPoE-VAE (Sutter et al. 2021),
-MMVAE-style averaging (Shi et al. 2019, as in the authors' baseline), beta-VAE (Higgins et al. 2017),
-Multimodal-CNN (the LS-EMVAE encoders trained from scratch), ResNet1d and XResNet1d (supervised, see
-:mod:`kale_ext.embed.resnet1d`). Departures from the paper and the authors' code are listed in docs/models.md.
+Assessment" (arXiv 2503.13470). Every compared model, this one included, is built by name through the registry
+:mod:`kale_ext.embed.zoo`. Departures from the paper and the authors' code are listed in docs/models.md.
 """
 
 from __future__ import annotations
@@ -12,31 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from kale_ext.embed.fusion import HierarchicalModalityExperts, MeanFusion, PoEFusion, SubsetPoEFusion
+from kale_ext.embed.fusion import HierarchicalModalityExperts
 from kale_ext.embed.multimodal_vae import MultimodalVAE
-from kale_ext.embed.resnet1d import ResNet1d, XResNet1d
-from kale_ext.embed.signal_cnn import (
-    JointSignalDecoder,
-    JointSignalVAEEncoder,
-    LeadwiseSignalDecoder,
-    LeadwiseSignalVAEEncoder,
-    SharedLeadDecoder,
-)
+from kale_ext.embed.signal_cnn import LeadwiseSignalVAEEncoder, SharedLeadDecoder
 from kale_ext.loaddata.leads import CANONICAL_LEADS
-
-MODEL_NAMES = (
-    "lsemvae",
-    "lsemvae_reference",
-    "mvae",
-    "mopoe",
-    "mmvae",
-    "betavae",
-    "multimodal_cnn",
-    "resnet1d",
-    "xresnet1d",
-)
 
 
 class LSEMVAE(MultimodalVAE):
@@ -95,85 +73,3 @@ class LSEMVAE(MultimodalVAE):
             lead_dropout=lead_dropout,
             generator=generator,
         )
-
-
-def _per_lead_decoder(kind: str, num_leads: int, input_dim: int, latent_dim: int, conv_impl: str) -> nn.Module:
-    if kind == "separate":
-        return LeadwiseSignalDecoder(num_leads, input_dim, latent_dim)
-    if kind in ("lead", "identical"):
-        return SharedLeadDecoder(num_leads, input_dim, latent_dim, mode=kind, conv_impl=conv_impl)
-    raise ValueError(f"decoder must be 'separate', 'lead' or 'identical', got {kind!r}")
-
-
-def build_model(
-    name: str,
-    lead_names: Sequence[str] = CANONICAL_LEADS,
-    input_dim: int = 5000,
-    latent_dim: int = 256,
-    **options,
-) -> nn.Module:
-    """Build a model of the comparison by name.
-
-    Names and what they build:
-
-    - ``lsemvae``: :class:`LSEMVAE` (options: its keyword arguments, plus ablations ``no_poe``, ``no_moe``,
-      ``no_gate`` mapping to ``use_poe=False`` / ``use_moe=False`` / ``gate=False``).
-    - ``lsemvae_reference``: the authors' code path: HiME ``mode="reference"`` and the ``identical`` decoder.
-    - ``mvae``: PoE with prior over the lead experts; a decoder per lead (``decoder="separate"``, default).
-    - ``mopoe``: product over one random subset of present experts per sample in training (``SubsetPoEFusion``);
-      decoder per lead by default. Options ``subset_size``, ``use_prior``, ``generator``.
-    - ``mmvae``: average of the experts' means and log-variances (the authors' MMVAE+ baseline); decoder per lead.
-    - ``betavae``: one 12-channel encoder (32/64/128/256) as a single expert and a 12-channel decoder; beta is a
-      loss weight set in the pre-training objective.
-    - ``multimodal_cnn``: the LS-EMVAE architecture; the pipeline trains its lead encoders from scratch with the
-      classification head (no pre-training).
-    - ``resnet1d`` / ``xresnet1d``: supervised classifiers (options ``num_classes`` and their arguments).
-
-    Args:
-        name: one of :data:`MODEL_NAMES`.
-        lead_names: the model's leads.
-        input_dim: samples per lead T.
-        latent_dim: latent size D (VAE models).
-        **options: model-specific keyword arguments (above); ``lead_dropout``, ``conv_impl``, ``generator`` apply
-            to every VAE; ``decoder`` (``"separate"``, ``"lead"``, ``"identical"``) to mvae/mopoe/mmvae.
-
-    Returns:
-        nn.Module: a MultimodalVAE, or a ResNet1d/XResNet1d for the supervised names.
-    """
-    lead_names = tuple(lead_names)
-    num_leads = len(lead_names)
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
-    if name in ("resnet1d", "xresnet1d"):
-        cls = ResNet1d if name == "resnet1d" else XResNet1d
-        return cls(num_leads, options.pop("num_classes", 2), **options)
-    if name in ("lsemvae", "multimodal_cnn"):
-        for flag, arg in (("no_poe", "use_poe"), ("no_moe", "use_moe"), ("no_gate", "gate")):
-            if options.pop(flag, False):
-                options[arg] = False
-        return LSEMVAE(lead_names, input_dim, latent_dim, **options)
-    if name == "lsemvae_reference":
-        options.setdefault("fusion_mode", "reference")
-        options.setdefault("decoder_mode", "identical")
-        return LSEMVAE(lead_names, input_dim, latent_dim, **options)
-    common = {key: options.pop(key) for key in ("lead_dropout", "generator") if key in options}
-    conv_impl = options.pop("conv_impl", "auto")
-    if name == "betavae":
-        encoder = JointSignalVAEEncoder(num_leads, input_dim, latent_dim, **options)
-        decoder = JointSignalDecoder(num_leads, input_dim, latent_dim)
-        return MultimodalVAE(encoder, MeanFusion(), decoder, lead_names, **common)
-    decoder = _per_lead_decoder(options.pop("decoder", "separate"), num_leads, input_dim, latent_dim, conv_impl)
-    encoder = LeadwiseSignalVAEEncoder(num_leads, input_dim, latent_dim, conv_impl=conv_impl)
-    if name == "mvae":
-        fusion = PoEFusion(use_prior=options.pop("use_prior", True))
-    elif name == "mopoe":
-        fusion = SubsetPoEFusion(
-            use_prior=options.pop("use_prior", True),
-            subset_size=options.pop("subset_size", None),
-            generator=common.get("generator"),
-        )
-    else:
-        fusion = MeanFusion()
-    if options:
-        raise TypeError(f"unknown options for {name!r}: {sorted(options)}")
-    return MultimodalVAE(encoder, fusion, decoder, lead_names, **common)

@@ -1,14 +1,12 @@
-"""Lead-wise signal encoders and decoders for multimodal ECG VAEs, batched over leads.
+"""The paper's lead encoders and decoders for multimodal ECG VAEs, batched over leads.
 
 The paper's lead expert (Suvon et al., arXiv 2503.13470; the architecture of
 ``kale.embed.signal_cnn.SignalVAEEncoder`` in PyKale) is three strided ``Conv1d`` layers 1 -> 16 -> 32 -> 64
 (kernel 3, stride 2, padding 1, ReLU) followed by two linear heads to the mean and log-variance. The authors run
 one such module per lead in a Python loop. :class:`LeadwiseSignalVAEEncoder` holds the weights of all ``L`` lead
-encoders in stacked tensors and computes them in one pass, with grouped convolutions (``conv_impl="conv"``),
-height-1 channels-last grouped ``Conv2d`` (``"conv2d"``), channels-last batched matrix products (``"matmul"``) or
-dense channels-last ``Conv2d`` with block-diagonal weights (``"blockdiag"``: the grouped maths plus exact zeros, so
-cuDNN's dense tensor-core kernels replace its grouped ones); all give the same numbers as ``L`` independent PyKale
-modules (see ``tests/embed/test_signal_cnn.py``).
+encoders in stacked tensors and computes them in one pass with one of the convolution strategies of
+:mod:`kale_ext.embed.conv_ops`; all give the same numbers as ``L`` independent PyKale modules (see
+``tests/embed/test_signal_cnn.py``).
 
 Decoders:
 
@@ -16,142 +14,47 @@ Decoders:
   -> 1). In ``mode="lead"`` (default) it is told which lead to produce through a learned lead embedding added to
   ``z``; in ``mode="identical"`` it sees ``z`` alone, as in the authors' code, so all leads get the same output.
 - :class:`LeadwiseSignalDecoder`: a separate decoder per lead (MVAE), batched with grouped operations.
-- :class:`JointSignalVAEEncoder` / :class:`JointSignalDecoder`: one encoder/decoder over all leads as channels
-  (beta-VAE "raw-data fusion").
+
+The beta-VAE's joint encoder and decoder (all leads as channels of one network) are in
+:mod:`kale_ext.embed.joint_cnn`.
 
 Any signal length ``T`` works: the width after the three stride-2 layers is ``ceil(T / 8)`` and decoders crop or
-pad their ``8 * ceil(T / 8)`` samples to exactly ``T``.
+pad their ``8 * ceil(T / 8)`` samples to exactly ``T`` (``conv_ops.fit_length``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kale_ext.embed.conv_ops import (
+    CONV_IMPLS,
+    block_diagonal,
+    block_diagonal_transposed,
+    check_conv_impl,
+    conv_output_length,
+    fit_length,
+    resolve_conv_impl,
+    strided_conv_matmul,
+    transposed_conv_matmul,
+    uniform_init_,
+)
 from kale_ext.embed.fusion import bound_log_var
 
-CONV_IMPLS = ("auto", "conv", "conv2d", "matmul", "blockdiag")
+__all__ = [
+    "CONV_IMPLS",
+    "DECODER_MODES",
+    "LeadwiseSignalDecoder",
+    "LeadwiseSignalVAEEncoder",
+    "SharedLeadDecoder",
+    "conv_output_length",
+    "resolve_conv_impl",
+]
+
 DECODER_MODES = ("lead", "identical")
-
-
-def conv_output_length(length: int, num_layers: int = 3) -> int:
-    """Length after ``num_layers`` Conv1d layers with kernel 3, stride 2, padding 1 (``ceil`` halving each).
-
-    Args:
-        length: input length T.
-        num_layers: number of stride-2 layers.
-
-    Returns:
-        ``ceil(T / 2**num_layers)``.
-    """
-    for _ in range(num_layers):
-        length = (length - 1) // 2 + 1
-    return length
-
-
-def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
-    # Same distribution as PyTorch's default Conv/Linear initialisation (kaiming_uniform with a = sqrt(5)).
-    bound = 1.0 / math.sqrt(fan_in)
-    with torch.no_grad():
-        return tensor.uniform_(-bound, bound)
-
-
-def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
-    """The implementation that ``conv_impl`` stands for on ``device``.
-
-    ``"auto"`` is ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x the grouped form uncompiled and 2.2x with
-    ``torch.compile`` on an H200, see docs/models.md) and ``"conv"`` elsewhere (grouped kernels are the fastest on
-    CPU). Every other value stands for itself. All implementations share the parameters and the maths.
-
-    Args:
-        conv_impl: one of ``CONV_IMPLS``.
-        device: device of the input.
-
-    Returns:
-        a concrete implementation name (never ``"auto"``).
-    """
-    if conv_impl != "auto":
-        return conv_impl
-    return "blockdiag" if device.type == "cuda" else "conv"
-
-
-def _check_impl(conv_impl: str) -> None:
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-
-
-def _block_diagonal(weight: Tensor) -> Tensor:
-    """Per-lead convolution weights as one dense weight with the lead blocks on its diagonal.
-
-    Args:
-        weight: (L, C_out, C_in, k) per-lead weights (or (C_in, C_out, k) shared transposed-conv weights, see
-            ``_block_diagonal_transposed``).
-
-    Returns:
-        (L * C_out, L * C_in, k): block (l, l) is ``weight[l]``, every other block is exactly zero, so a dense
-        convolution with it computes the L grouped convolutions (the zeros add exact zeros). Dense convolutions with
-        a few hundred channels run on the tensor cores without the grouped-convolution kernels' overheads.
-    """
-    leads, c_out, c_in, k = weight.shape
-    eye = torch.eye(leads, dtype=weight.dtype, device=weight.device)
-    return torch.einsum("lm,loik->lomik", eye, weight).reshape(leads * c_out, leads * c_in, k)
-
-
-def _block_diagonal_transposed(weight: Tensor, leads: int) -> Tensor:
-    """A shared transposed-conv weight (C_in, C_out, k) repeated on the diagonal: (L * C_in, L * C_out, k)."""
-    c_in, c_out, k = weight.shape
-    eye = torch.eye(leads, dtype=weight.dtype, device=weight.device)
-    return torch.einsum("lm,iok->limok", eye, weight).reshape(leads * c_in, leads * c_out, k)
-
-
-def _strided_conv_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Kernel-3, stride-2, padding-1 convolution per group as one batched matmul, channels-last.
-
-    Args:
-        x: (G, N, T, C_in) channels-last input.
-        weight: (G, C_out, C_in, 3) in ``Conv1d`` layout.
-        bias: (G, C_out).
-
-    Returns:
-        (G, N, ceil(T / 2), C_out).
-    """
-    groups, n, length, c_in = x.shape
-    out_len = (length - 1) // 2 + 1
-    # Pad one sample in front (padding=1) and enough at the back for the last window.
-    x = F.pad(x, (0, 0, 1, 2 * out_len - length))
-    windows = x.unfold(2, 3, 2).reshape(groups, n * out_len, c_in * 3)  # index c * 3 + k
-    w = weight.permute(0, 2, 3, 1).reshape(groups, c_in * 3, -1)
-    out = torch.baddbmm(bias.unsqueeze(1).to(windows.dtype), windows, w.to(windows.dtype))
-    return out.view(groups, n, out_len, -1)
-
-
-def _transposed_conv_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``ConvTranspose1d`` with kernel 4, stride 2, padding 1 as one matmul, channels-last.
-
-    Output sample ``2m`` receives ``x[m] W1 + x[m-1] W3`` and sample ``2m+1`` receives ``x[m] W2 + x[m+1] W0``,
-    so one matmul of the windows ``[x[m-1], x[m], x[m+1]]`` with a (3 C_in, 2 C_out) matrix gives both phases.
-
-    Args:
-        x: (N, T, C_in).
-        weight: (C_in, C_out, 4) in ``ConvTranspose1d`` layout.
-        bias: (C_out,).
-
-    Returns:
-        (N, 2 T, C_out).
-    """
-    n, length, c_in = x.shape
-    c_out = weight.shape[1]
-    windows = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 1).reshape(n * length, c_in * 3)  # index c * 3 + j
-    zero = torch.zeros_like(weight[:, :, 0])
-    even = torch.stack([weight[:, :, 3], weight[:, :, 1], zero], dim=1)  # (C_in, 3, C_out)
-    odd = torch.stack([zero, weight[:, :, 2], weight[:, :, 0]], dim=1)
-    w = torch.stack([even, odd], dim=2).reshape(c_in * 3, 2 * c_out)
-    out = torch.addmm(bias.repeat(2).to(windows.dtype), windows, w.to(windows.dtype))
-    return out.view(n, 2 * length, c_out)
 
 
 class LeadwiseSignalVAEEncoder(nn.Module):
@@ -186,7 +89,7 @@ class LeadwiseSignalVAEEncoder(nn.Module):
         conv_impl: str = "auto",
     ) -> None:
         super().__init__()
-        _check_impl(conv_impl)
+        check_conv_impl(conv_impl)
         if num_leads < 1 or input_dim < 1 or latent_dim < 1:
             raise ValueError("num_leads, input_dim and latent_dim must all be positive")
         self.num_leads = num_leads
@@ -200,11 +103,13 @@ class LeadwiseSignalVAEEncoder(nn.Module):
         self.conv_biases = nn.ParameterList()
         c_in = 1
         for c_out in self.channels:
-            self.conv_weights.append(nn.Parameter(_uniform_(torch.empty(num_leads, c_out, c_in, 3), c_in * 3)))
-            self.conv_biases.append(nn.Parameter(_uniform_(torch.empty(num_leads, c_out), c_in * 3)))
+            self.conv_weights.append(nn.Parameter(uniform_init_(torch.empty(num_leads, c_out, c_in, 3), c_in * 3)))
+            self.conv_biases.append(nn.Parameter(uniform_init_(torch.empty(num_leads, c_out), c_in * 3)))
             c_in = c_out
-        self.head_weight = nn.Parameter(_uniform_(torch.empty(num_leads, 2 * latent_dim, self.flat_dim), self.flat_dim))
-        self.head_bias = nn.Parameter(_uniform_(torch.empty(num_leads, 2 * latent_dim), self.flat_dim))
+        self.head_weight = nn.Parameter(
+            uniform_init_(torch.empty(num_leads, 2 * latent_dim, self.flat_dim), self.flat_dim)
+        )
+        self.head_bias = nn.Parameter(uniform_init_(torch.empty(num_leads, 2 * latent_dim), self.flat_dim))
 
     def forward(self, x: Tensor, lead_index: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Encode every lead (or the leads named by ``lead_index``) in one pass.
@@ -269,14 +174,14 @@ class LeadwiseSignalVAEEncoder(nn.Module):
         leads = conv_w[0].shape[0]
         h = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         for w, b in zip(conv_w, conv_b):
-            w2 = _block_diagonal(w).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            w2 = block_diagonal(w).unsqueeze(2).contiguous(memory_format=torch.channels_last)
             h = F.relu(F.conv2d(h, w2, b.reshape(-1), stride=(1, 2), padding=(0, 1)))
         return h.reshape(h.shape[0], leads, -1).transpose(0, 1)
 
     def _features_matmul(self, x: Tensor, conv_w: list[Tensor], conv_b: list[Tensor]) -> Tensor:
         h = x.transpose(0, 1).unsqueeze(-1)  # (L', B, T, 1) channels-last
         for w, b in zip(conv_w, conv_b):
-            h = F.relu(_strided_conv_matmul(h, w, b))
+            h = F.relu(strided_conv_matmul(h, w, b))
         return h.reshape(h.shape[0], h.shape[1], -1)  # (L', B, T' * C), time-major
 
     def select(self, lead_index: Sequence[int]) -> LeadwiseSignalVAEEncoder:
@@ -401,7 +306,7 @@ class SharedLeadDecoder(nn.Module):
         conv_impl: str = "auto",
     ) -> None:
         super().__init__()
-        _check_impl(conv_impl)
+        check_conv_impl(conv_impl)
         if mode not in DECODER_MODES:
             raise ValueError(f"mode must be one of {DECODER_MODES}, got {mode!r}")
         self.num_leads = num_leads
@@ -451,7 +356,7 @@ class SharedLeadDecoder(nn.Module):
                 h = h.contiguous(memory_format=torch.channels_last)
         for i in range(1, len(self.deconvs)):
             h = self._layer(i, F.relu(h), impl)
-        out = self._fit_length(self._flatten(h))  # (N, T)
+        out = fit_length(self._flatten(h), self.output_dim)  # (N, T)
         if self.mode == "lead":
             return out.view(batch, self.num_leads, self.output_dim)
         return out.unsqueeze(1).expand(batch, self.num_leads, self.output_dim)
@@ -468,9 +373,9 @@ class SharedLeadDecoder(nn.Module):
         h = h.contiguous(memory_format=torch.channels_last)
         for i in range(1, len(self.deconvs)):
             deconv = self.deconvs[i]
-            w2 = _block_diagonal_transposed(deconv.weight, leads).unsqueeze(2)
+            w2 = block_diagonal_transposed(deconv.weight, leads).unsqueeze(2)
             h = F.conv_transpose2d(F.relu(h), w2, deconv.bias.repeat(leads), stride=(1, 2), padding=(0, 1))
-        return self._fit_length(h.reshape(batch, leads, -1))
+        return fit_length(h.reshape(batch, leads, -1), self.output_dim)
 
     def _unflatten(self, h: Tensor, impl: str) -> Tensor:
         # (N, F) -> the layout of the implementation.
@@ -489,15 +394,10 @@ class SharedLeadDecoder(nn.Module):
         deconv = self.deconvs[i]
         b = deconv.bias if bias else None
         if impl == "matmul":
-            return _transposed_conv_matmul(h, deconv.weight, b if b is not None else torch.zeros_like(deconv.bias))
+            return transposed_conv_matmul(h, deconv.weight, b if b is not None else torch.zeros_like(deconv.bias))
         if impl in ("conv2d", "blockdiag"):
             return F.conv_transpose2d(h, deconv.weight.unsqueeze(2), b, stride=(1, 2), padding=(0, 1))
         return F.conv_transpose1d(h, deconv.weight, b, stride=2, padding=1)
-
-    def _fit_length(self, out: Tensor) -> Tensor:
-        if out.shape[-1] >= self.output_dim:
-            return out[..., : self.output_dim]
-        return F.pad(out, (0, self.output_dim - out.shape[-1]))
 
 
 class LeadwiseSignalDecoder(nn.Module):
@@ -521,15 +421,15 @@ class LeadwiseSignalDecoder(nn.Module):
         self.channels = tuple(channels)
         self.feature_length = conv_output_length(output_dim, len(self.channels))
         self.flat_dim = self.channels[0] * self.feature_length
-        self.fc_weight = nn.Parameter(_uniform_(torch.empty(num_leads, latent_dim, self.flat_dim), latent_dim))
-        self.fc_bias = nn.Parameter(_uniform_(torch.empty(num_leads, self.flat_dim), latent_dim))
+        self.fc_weight = nn.Parameter(uniform_init_(torch.empty(num_leads, latent_dim, self.flat_dim), latent_dim))
+        self.fc_bias = nn.Parameter(uniform_init_(torch.empty(num_leads, self.flat_dim), latent_dim))
         widths = [*self.channels, 1]
         self.deconv_weights = nn.ParameterList()
         self.deconv_biases = nn.ParameterList()
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             # ConvTranspose1d's default init uses fan_in = C_out * kernel (its weight is (C_in, C_out, k)).
-            self.deconv_weights.append(nn.Parameter(_uniform_(torch.empty(num_leads, c_in, c_out, 4), c_out * 4)))
-            self.deconv_biases.append(nn.Parameter(_uniform_(torch.empty(num_leads, c_out), c_out * 4)))
+            self.deconv_weights.append(nn.Parameter(uniform_init_(torch.empty(num_leads, c_in, c_out, 4), c_out * 4)))
+            self.deconv_biases.append(nn.Parameter(uniform_init_(torch.empty(num_leads, c_out), c_out * 4)))
 
     def forward(self, z: Tensor) -> Tensor:
         """Decode every lead with its own decoder.
@@ -547,98 +447,4 @@ class LeadwiseSignalDecoder(nn.Module):
         for i, (w, b) in enumerate(zip(self.deconv_weights, self.deconv_biases)):
             h = F.conv_transpose1d(h, w.reshape(-1, w.shape[2], 4), b.reshape(-1), stride=2, padding=1, groups=leads)
             h = F.relu(h) if i < last else h
-        h = h[..., : self.output_dim]
-        if h.shape[-1] < self.output_dim:
-            h = F.pad(h, (0, self.output_dim - h.shape[-1]))
-        return h
-
-
-class JointSignalVAEEncoder(nn.Module):
-    """One encoder over all leads as input channels (beta-VAE "raw-data fusion"): a single expert.
-
-    Conv1d L -> 32 -> 64 -> 128 -> 256 (kernel 3, stride 2, padding 1, ReLU), flatten, linear heads.
-
-    Args:
-        num_leads: input channels L.
-        input_dim: samples per lead T.
-        latent_dim: latent size D.
-        channels: convolution widths (default 32, 64, 128, 256 as in the authors' beta-VAE).
-    """
-
-    joint = True
-
-    def __init__(
-        self, num_leads: int, input_dim: int, latent_dim: int, channels: Sequence[int] = (32, 64, 128, 256)
-    ) -> None:
-        super().__init__()
-        self.num_leads = num_leads
-        self.input_dim = input_dim
-        self.latent_dim = latent_dim
-        widths = [num_leads, *channels]
-        self.convs = nn.ModuleList(
-            nn.Conv1d(c_in, c_out, 3, stride=2, padding=1) for c_in, c_out in zip(widths[:-1], widths[1:])
-        )
-        flat = channels[-1] * conv_output_length(input_dim, len(channels))
-        self.fc_mu = nn.Linear(flat, latent_dim)
-        self.fc_log_var = nn.Linear(flat, latent_dim)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Encode all leads jointly.
-
-        Args:
-            x: (B, L, T) signals (absent leads zero-filled by the caller).
-
-        Returns:
-            mean: (1, B, D) float32. log_var: (1, B, D) float32, bounded.
-        """
-        h = x
-        for conv in self.convs:
-            h = F.relu(conv(h))
-        h = h.flatten(1)
-        return self.fc_mu(h).float().unsqueeze(0), bound_log_var(self.fc_log_var(h).float()).unsqueeze(0)
-
-
-class JointSignalDecoder(nn.Module):
-    """Decoder producing all L leads as output channels of one network (beta-VAE).
-
-    Linear D -> 256 * ceil(T/16), ConvTranspose1d 256 -> 128 -> 64 -> 32 -> L (kernel 4, stride 2, padding 1,
-    ReLU between), output cropped/padded to T.
-
-    Args:
-        num_leads: output channels L.
-        output_dim: samples per lead T.
-        latent_dim: latent size D.
-        channels: widths after the linear layer.
-    """
-
-    def __init__(
-        self, num_leads: int, output_dim: int, latent_dim: int, channels: Sequence[int] = (256, 128, 64, 32)
-    ) -> None:
-        super().__init__()
-        self.num_leads = num_leads
-        self.output_dim = output_dim
-        self.channels = tuple(channels)
-        self.feature_length = conv_output_length(output_dim, len(self.channels))
-        self.fc = nn.Linear(latent_dim, self.channels[0] * self.feature_length)
-        widths = [*self.channels, num_leads]
-        self.deconvs = nn.ModuleList(
-            nn.ConvTranspose1d(c_in, c_out, 4, stride=2, padding=1) for c_in, c_out in zip(widths[:-1], widths[1:])
-        )
-
-    def forward(self, z: Tensor) -> Tensor:
-        """Decode all leads.
-
-        Args:
-            z: (B, D) latent.
-
-        Returns:
-            (B, L, T) reconstructions.
-        """
-        h = self.fc(z).view(z.shape[0], self.channels[0], self.feature_length)
-        for i, deconv in enumerate(self.deconvs):
-            h = deconv(h)
-            h = F.relu(h) if i < len(self.deconvs) - 1 else h
-        h = h[..., : self.output_dim]
-        if h.shape[-1] < self.output_dim:
-            h = F.pad(h, (0, self.output_dim - h.shape[-1]))
-        return h
+        return fit_length(h, self.output_dim)

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -156,47 +159,86 @@ def _optimizer(model: nn.Module, settings: FinetuneSettings) -> torch.optim.Opti
     raise ValueError(f"optimizer {settings.optimizer!r} is not accepted; use 'adamw' or 'adam'")
 
 
+class ClassifierModule(pl.LightningModule):
+    """Lightning wrapper of a classifier: the fine-tuning loss, the optimiser, per-epoch loss logging.
+
+    Args:
+        model: classifier; called as ``model(features)`` for items with ``features``, else ``model(signals, mask)``.
+        loss_fn: classification loss ``loss_fn(logits, labels)``.
+        settings: ``FinetuneSettings`` (optimiser, learning rate, weight decay).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, settings: FinetuneSettings):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.settings = settings
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Loss of one mini-batch, logged as the epoch mean."""
+        logits = _forward(self.model, batch, self.device)
+        loss = self.loss_fn(logits, batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The optimiser of the fine-tuning recipe over the trainable parameters."""
+        return _optimizer(self.model, self.settings)
+
+
 def fit_classifier(
     model: nn.Module,
     dataset: Dataset,
     labels: np.ndarray,
     settings: FinetuneSettings,
     description: str = "fine-tune",
+    log_dir: str | Path | None = None,
 ) -> nn.Module:
-    """Train ``model`` on ``dataset`` (features or signals) with the fine-tuning recipe.
+    """Train ``model`` on ``dataset`` (features or signals) with the fine-tuning recipe, through Lightning.
+
+    The batch order comes from a generator seeded with ``settings.seed`` and the global generators are seeded with
+    it inside a forked RNG, so the same seed gives the same weights and the caller's random state is untouched.
 
     Args:
         model: classifier; called as ``model(features)`` for items with ``features``, else ``model(signals, mask)``.
         dataset: items with ``label`` and either ``features`` (F,) or ``signals`` (L, T) and ``mask`` (L,).
         labels: (N,) labels of ``dataset`` (for the focal alpha of this training part).
         settings: ``FinetuneSettings``.
-        description: progress bar label.
+        description: name of the run in the logs.
+        log_dir: folder of this run's TensorBoard and CSV logs; None = no logs.
 
     Returns:
         The trained model (same object), in eval mode.
     """
-    device = torch.device(settings.device)
-    model.to(device)
-    loss_fn = make_loss(settings, np.asarray(labels)).to(device)
-    optimiser = _optimizer(model, settings)
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    loss_fn = make_loss(settings, np.asarray(labels))
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
-    with torch.random.fork_rng(devices=[]):
+    loggers = []
+    if log_dir is not None:
+        loggers = [
+            TensorBoardLogger(Path(log_dir), name="tensorboard", version=description),
+            CSVLogger(Path(log_dir), name="csv", version=description),
+        ]
+    device = torch.device(settings.device)
+    trainer = pl.Trainer(
+        max_epochs=settings.epochs,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=loggers or False,
+        enable_checkpointing=False,
+        enable_progress_bar=settings.progress,
+        enable_model_summary=False,
+        log_every_n_steps=max(len(loader), 1),
+        num_sanity_val_steps=0,
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
         torch.manual_seed(settings.seed)
-        bar = tqdm(range(settings.epochs), desc=description, disable=not settings.progress, leave=False)
-        for _ in bar:
-            model.train()
-            total, count = 0.0, 0
-            for batch in loader:
-                logits = _forward(model, batch, device)
-                loss = loss_fn(logits, batch["label"].to(device))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(batch["label"])
-                count += len(batch["label"])
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    return model.eval()
+        trainer.fit(ClassifierModule(model, loss_fn, settings), train_dataloaders=loader)
+    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -272,6 +314,7 @@ def cross_validate(
     settings: FinetuneSettings,
     on_fold_end: Callable[[FoldOutcome], None] | None = None,
     skip_fold: Callable[[int], FoldOutcome | None] | None = None,
+    log_dir: str | Path | None = None,
 ) -> CrossValidationResult:
     """Train and score one classifier per fold.
 
@@ -288,6 +331,7 @@ def cross_validate(
         settings: ``FinetuneSettings``.
         on_fold_end: called with each finished fold (e.g. to save its model).
         skip_fold: returns a finished ``FoldOutcome`` to reuse instead of training fold k, or None.
+        log_dir: folder of the per-fold TensorBoard/CSV logs (``fold<k>`` versions); None = no logs.
 
     Returns:
         ``CrossValidationResult`` with out-of-fold probabilities and each item's fold threshold.
@@ -306,7 +350,12 @@ def cross_validate(
                 torch.manual_seed(fold_settings.seed)
                 model = make_model()
             fit_classifier(
-                model, Subset(dataset, train_idx.tolist()), labels[train_idx], fold_settings, description=f"fold {k}"
+                model,
+                Subset(dataset, train_idx.tolist()),
+                labels[train_idx],
+                fold_settings,
+                description=f"fold{k}",
+                log_dir=log_dir,
             )
             train_prob = predict_proba(model, Subset(dataset, train_idx.tolist()), device=settings.device)
             threshold = choose_threshold(labels[train_idx], train_prob, settings.threshold)

@@ -1,26 +1,22 @@
-"""Self-supervised pre-training of a multimodal ECG VAE with PyTorch Lightning.
+"""Self-supervised pre-training of a multimodal ECG model with PyTorch Lightning.
 
-``PretrainModule`` trains any ``MultimodalVAE`` (``kale_ext.embed.multimodal_vae``) with the multimodal ELBO
-(reconstruction of every present lead + beta x KL of the fused posterior) plus the alignment loss of the fusion's
-experts to the fused mean (Suvon et al., arXiv 2503.13470, Eqs. 1-2). beta is annealed linearly per optimiser step.
-
-A ``"reference"`` loss mode reproduces the objective of the authors' published code: summed squared error x 1e-3 /
-batch, KL on the arithmetic mean of the lead encoders' mean and log-variance, alignment = gamma x mean over leads of
-the MSE between each lead mean and the mean of the lead means, beta = min(epoch / warmup_epochs, 1).
+``PretrainModule(model, objective)`` trains any model with any objective of :mod:`kale_ext.predict.objectives`
+(the paper's ELBO + alignment, the authors' reference objective, ...): the training step asks the objective for the
+loss of a batch and never branches on a mode. The objective's parameters, if any, are optimised with the model's.
 
 Exact resume: ``EpochSeededSampler`` draws each epoch's order from ``seed + epoch`` (and shards it across DDP ranks
 without overlap) and ``ReseedCallback`` reseeds the global generators (reparameterisation noise, dropout) at the start
 of every epoch, so a run killed after an epoch checkpoint and resumed from ``last.ckpt`` ends with the same weights as
-an uninterrupted run.
+an uninterrupted run. Checkpoints are read with ``weights_only=True``; the trained model is saved and loaded by
+:mod:`kale_ext.pipeline.artifacts`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kale_ext.predict.losses import alignment_loss, gaussian_kl, linear_annealing, multimodal_elbo
+from kale_ext.pipeline.artifacts import save_model
+from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgress
 
 logger = logging.getLogger(__name__)
-
-LOSS_MODES = ("paper", "reference")
-MODEL_FILE = "model.pt"
-MODEL_ARGS_FILE = "model_args.json"
-DONE_FILE = "DONE"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,41 +189,16 @@ class ECGPretrainDataModule(pl.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------------------------
 # The Lightning module
 # ---------------------------------------------------------------------------------------------------------------------
-def reference_alignment(mean: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 0.1) -> torch.Tensor:
-    """Alignment term of the authors' code: gamma x mean over leads of MSE(mean_i, mean over leads of mean_j).
-
-    Args:
-        mean: (L, B, D) lead posterior means.
-        mask: (L, B) bool, True = present; absent leads are left out of both means.
-        gamma: weight.
-
-    Returns:
-        Scalar.
-    """
-    mean = mean.float()
-    if mask is None:
-        mask = torch.ones(mean.shape[:2], dtype=torch.bool, device=mean.device)
-    w = mask.float().unsqueeze(-1)  # (L, B, 1)
-    centre = (mean * w).sum(0) / w.sum(0).clamp_min(1.0)  # (B, D)
-    sq = ((mean - centre) ** 2).mean(-1)  # (L, B)
-    per_lead = (sq * mask.float()).sum(1) / mask.float().sum(1).clamp_min(1.0)  # (L,)
-    present = mask.any(1)
-    return gamma * per_lead[present].mean() if present.any() else mean.new_zeros(())
-
-
 class PretrainModule(pl.LightningModule):
-    """Pre-train a multimodal VAE: ELBO + alignment, AdamW, beta annealed per step.
+    """Pre-train a model with an objective: AdamW over the model's (and the objective's) parameters.
 
     Args:
-        model: a ``MultimodalVAE`` with ``lead_names``, ``encode``, ``fuse``, ``decode`` and ``forward``.
+        model: a ``MultimodalVAE`` (or any model the objective knows how to score) with ``lead_names``.
+        objective: an :class:`~kale_ext.predict.objectives.Objective`; ``objective(model, batch, progress)``
+            returns the loss terms of a batch.
         leads: names of the channels in the batches' ``signals`` (default ``model.lead_names``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        beta: final KL weight.
-        beta_warmup_epochs: epochs for beta to reach ``beta`` (per step in "paper" mode, per epoch in "reference").
-        gamma: alignment weight (0 = no alignment).
-        loss_mode: "paper" or "reference" (see the module docstring).
-        log_indices_to: folder where each rank appends the record indices it trained on (debug), or None.
         compile: run the model's forward through ``torch.compile`` (the parameters, state dict and checkpoints are
             unchanged; on a GPU this is where the block-diagonal convolutions pay off, see docs/models.md).
     """
@@ -239,20 +206,15 @@ class PretrainModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module,
+        objective: Objective,
         leads: Sequence[str] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
-        beta: float = 1.0,
-        beta_warmup_epochs: float = 50,
-        gamma: float = 1.0,
-        loss_mode: str = "paper",
-        log_indices_to: str | Path | None = None,
         compile: bool = False,
     ):
         super().__init__()
-        if loss_mode not in LOSS_MODES:
-            raise ValueError(f"loss_mode {loss_mode!r} is not accepted; use one of {LOSS_MODES}")
         self.model = model
+        self.objective = objective
         # A compiled view of the same forward: the module and its parameters stay as they are.
         self._forward = torch.compile(model.forward) if compile else model.forward
         self.leads = tuple(leads) if leads is not None else tuple(model.lead_names)
@@ -261,28 +223,23 @@ class PretrainModule(pl.LightningModule):
             raise ValueError(f"leads {unknown} have no encoder in the model (model leads: {model.lead_names})")
         self.lr = lr
         self.weight_decay = weight_decay
-        self.beta_max = beta
-        self.beta_warmup_epochs = beta_warmup_epochs
-        self.gamma = gamma
-        self.loss_mode = loss_mode
-        self.log_indices_to = Path(log_indices_to) if log_indices_to else None
         # positions of the batch channels among the model's leads, to build full-width targets
         self.register_buffer(
             "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
         )
-        self.save_hyperparameters(ignore=["model", "log_indices_to"])
+        self.save_hyperparameters(ignore=["model", "objective"])
 
-    def current_beta(self) -> float:
-        """KL weight at the current step (paper mode) or epoch (reference mode)."""
-        if self.loss_mode == "reference":
-            if self.beta_warmup_epochs <= 0:
-                return self.beta_max
-            return self.beta_max * min(self.current_epoch / self.beta_warmup_epochs, 1.0)
+    def progress(self) -> TrainingProgress:
+        """Step, epoch and steps per epoch (1 without a trainer) for the objective's schedules."""
         steps_per_epoch = 1
         if self._trainer is not None and self.trainer.num_training_batches not in (None, float("inf")):
             steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
-        warmup = int(round(self.beta_warmup_epochs * steps_per_epoch))
-        return self.beta_max * linear_annealing(int(self.global_step), warmup)
+        epoch = int(self.current_epoch) if self._trainer is not None else 0
+        return TrainingProgress(int(self.global_step), epoch, steps_per_epoch)
+
+    def current_beta(self) -> float:
+        """KL weight of the objective at the current step."""
+        return self.objective.beta(self.progress())
 
     def _full_width(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Place (B, L', T) batch channels into the model's (B, L, T) lead slots; missing slots are masked out."""
@@ -303,80 +260,46 @@ class PretrainModule(pl.LightningModule):
             sample: draw z from the fused posterior (training) or use its mean.
 
         Returns:
-            dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars) and ``beta``.
+            dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars), ``beta`` and any further terms of the
+            objective.
         """
         x = batch["signals"].float()
         mask = batch["mask"].bool()
         target, full_mask = self._full_width(x, mask)
-        beta = self.current_beta()
-        if self.loss_mode == "paper":
-            out = self._forward(x, mask=mask, leads=self.leads, sample=sample)
-            fusion = out.fusion
-            terms = multimodal_elbo(
-                out.recon.float(), target, fusion.mean.float(), fusion.log_var.float(), beta, mask=full_mask
-            )
-            align = (
-                alignment_loss(fusion.expert_mean.float(), fusion.mean.float(), fusion.expert_mask, gamma=self.gamma)
-                if self.gamma > 0
-                else terms.total.new_zeros(())
-            )
-            return {"loss": terms.total + align, "recon": terms.recon, "kl": terms.kl, "align": align, "beta": beta}
-        # reference mode: the authors' objective, composed from encode / fuse / decode
-        mean, log_var, lead_mask = self.model.encode(x, leads=self.leads, mask=mask)  # (L, B, D), (L, B)
-        fusion = self.model.fuse(mean, log_var, lead_mask)
-        z = fusion.mean.float()
-        if sample:
-            z = z + torch.exp(0.5 * fusion.log_var.float()) * torch.randn_like(z)
-        recon = self.model.decode(z)
-        terms = multimodal_elbo(
-            recon.float(),
-            target,
-            fusion.mean.float(),
-            fusion.log_var.float(),
-            0.0,
-            mask=full_mask,
-            recon_reduction="reference",
-        )
-        w = lead_mask.float().unsqueeze(-1)
-        avg_mean = (mean.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
-        avg_log_var = (log_var.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
-        kl = gaussian_kl(avg_mean, avg_log_var).mean()
-        align = reference_alignment(mean, lead_mask, self.gamma) if self.gamma > 0 else kl.new_zeros(())
-        return {"loss": terms.recon + beta * kl + align, "recon": terms.recon, "kl": kl, "align": align, "beta": beta}
+        view = PretrainBatch(x, mask, self.leads, target, full_mask, sample, self._forward)
+        return self.objective(self.model, view, self.progress())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimisation step; logs step values locally and epoch means synchronised across processes."""
         losses = self.compute_losses(batch, sample=True)
         size = batch["signals"].shape[0]
         self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        for name in ("loss", "recon", "kl", "align"):
-            self.log(f"train/{name}", losses[name], on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        for name, value in losses.items():
+            if name != "beta":
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.log("train/beta", float(losses["beta"]), on_step=True, on_epoch=False, batch_size=size)
-        if self.log_indices_to is not None and "index" in batch:
-            self.log_indices_to.mkdir(parents=True, exist_ok=True)
-            with open(self.log_indices_to / f"seen_rank{self.global_rank}.txt", "a", encoding="utf-8") as fh:
-                idx = batch["index"].tolist()
-                fh.write(f"{self.current_epoch} " + " ".join(map(str, idx)) + "\n")
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Validation loss with z at the posterior mean; epoch means synchronised across processes."""
         losses = self.compute_losses(batch, sample=False)
         size = batch["signals"].shape[0]
-        for name in ("loss", "recon", "kl", "align"):
-            self.log(
-                f"val/{name}",
-                losses[name],
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                prog_bar=name == "loss",
-                batch_size=size,
-            )
+        for name, value in losses.items():
+            if name != "beta":
+                self.log(
+                    f"val/{name}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=True,
+                    prog_bar=name == "loss",
+                    batch_size=size,
+                )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the model's parameters."""
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        """AdamW over the model's and the objective's parameters."""
+        params = [*self.model.parameters(), *self.objective.parameters()]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,22 +329,6 @@ class ReseedCallback(pl.Callback):
         torch.manual_seed(step_seed % (2**63 - 1))
 
 
-class FailAtEpoch(pl.Callback):
-    """Raise at the start of epoch ``epoch`` (0-based) to simulate a killed run (tests of resume)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = int(epoch)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise ``SimulatedInterruption`` when the chosen epoch starts."""
-        if trainer.current_epoch == self.epoch:
-            raise SimulatedInterruption(f"simulated interruption at the start of epoch {self.epoch}")
-
-
-class SimulatedInterruption(RuntimeError):
-    """Raised by ``FailAtEpoch``."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Running and saving
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,10 +341,6 @@ class PretrainSettings:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
-    beta: float = 1.0
-    beta_warmup_epochs: float = 50
-    gamma: float = 1.0
-    loss_mode: str = "paper"
     val_fraction: float = 0.1
     seed: int = 0
     num_workers: int = 0
@@ -449,8 +352,6 @@ class PretrainSettings:
     log_every_n_steps: int = 10
     progress_bar: bool = True
     resume: bool = True
-    fail_at_epoch: int = -1
-    log_indices: bool = False
     compile: bool = False
 
 
@@ -471,28 +372,60 @@ class PretrainResult:
     resumed_from: Path | None
 
 
+def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint of ``ckpt_dir``: ``last.ckpt``, else the newest ``epoch*.ckpt`` that loads.
+
+    A checkpoint that cannot be read (truncated by a crash or a full disk) is skipped with a warning instead of
+    blocking every rerun. Checkpoints are read with ``weights_only=True``.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+
+    Returns:
+        Path of the checkpoint to resume from, or None.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)[::-1]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, with its reason
+            logger.warning("checkpoint %s cannot be read (%s); trying an older one", path, err)
+            continue
+        return path
+    return None
+
+
 def run_pretraining(
     model: nn.Module,
+    objective: Objective,
     dataset: Dataset,
     out_dir: str | Path,
     settings: PretrainSettings,
     build_args: dict | None = None,
     leads: Sequence[str] | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    extra_files: dict[str, str] | None = None,
 ) -> PretrainResult:
-    """Pre-train ``model`` on ``dataset`` with Lightning and save a plain state_dict.
+    """Pre-train ``model`` with ``objective`` on ``dataset`` with Lightning and save a plain state_dict.
 
     Writes ``out_dir/checkpoints/last.ckpt`` every epoch (resumed from when present and ``settings.resume``),
     TensorBoard and CSV logs under ``out_dir/logs``, and, on global rank 0 at the end, ``out_dir/model.pt`` (state
     dict, loadable with ``torch.load(weights_only=True)``), ``out_dir/model_args.json`` (``build_args``) and a
-    ``DONE`` marker.
+    ``DONE`` marker (``kale_ext.pipeline.artifacts.save_model``).
 
     Args:
-        model: the VAE to train (initialised by the caller, after seeding).
+        model: the model to train (initialised by the caller, after seeding).
+        objective: the pre-training objective.
         dataset: lead dataset (items ``signals`` (L, T), ``mask`` (L,)).
         out_dir: output folder.
         settings: ``PretrainSettings``.
         build_args: JSON-serialisable arguments that rebuild the model (saved beside the weights).
         leads: channel names of the dataset items (default ``dataset.leads`` or the model's).
+        callbacks: further Lightning callbacks (e.g. diagnostics).
+        extra_files: further text files written beside the model (name -> content), e.g. a fingerprint.
 
     Returns:
         ``PretrainResult``.
@@ -504,23 +437,15 @@ def run_pretraining(
     out_dir.mkdir(parents=True, exist_ok=True)
     leads = tuple(leads or getattr(dataset, "leads", None) or model.lead_names)
     module = PretrainModule(
-        model,
-        leads=leads,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        beta=settings.beta,
-        beta_warmup_epochs=settings.beta_warmup_epochs,
-        gamma=settings.gamma,
-        loss_mode=settings.loss_mode,
-        log_indices_to=out_dir if settings.log_indices else None,
-        compile=settings.compile,
+        model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile
     )
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers
     )
     ckpt_dir = out_dir / "checkpoints"
-    callbacks: list[pl.Callback] = [
+    all_callbacks: list[pl.Callback] = [
         ReseedCallback(settings.seed),
+        *callbacks,
         # monitor None + top-1 keeps the latest epoch; last.ckpt (every epoch) is what a re-run resumes from
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -531,8 +456,6 @@ def run_pretraining(
             auto_insert_metric_name=False,
         ),
     ]
-    if settings.fail_at_epoch >= 0:
-        callbacks.insert(1, FailAtEpoch(settings.fail_at_epoch))
     precision = resolve_precision(settings.precision, settings.accelerator)
     trainer = pl.Trainer(
         max_epochs=settings.epochs,
@@ -542,7 +465,7 @@ def run_pretraining(
         strategy=settings.strategy,
         precision=precision,
         gradient_clip_val=settings.grad_clip if settings.grad_clip > 0 else None,
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         logger=[TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")],
         log_every_n_steps=settings.log_every_n_steps,
         enable_progress_bar=settings.progress_bar,
@@ -551,49 +474,11 @@ def run_pretraining(
         num_sanity_val_steps=0,
         deterministic=False,
     )
-    last = ckpt_dir / "last.ckpt"
-    resume = last if settings.resume and last.exists() else None
+    resume = resumable_checkpoint(ckpt_dir) if settings.resume else None
     if resume is not None:
         logger.info("resuming pre-training from %s", resume)
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    model_path = out_dir / MODEL_FILE
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    model_path = out_dir / "model.pt"
     if trainer.is_global_zero:
-        save_model(model, out_dir, build_args)
+        model_path = save_model(model, out_dir, build_args, extra_files)
     return PretrainResult(model_path=model_path, is_global_zero=trainer.is_global_zero, resumed_from=resume)
-
-
-def save_model(model: nn.Module, out_dir: str | Path, build_args: dict | None = None) -> Path:
-    """Write ``model.pt`` (plain state dict on CPU), ``model_args.json`` and a ``DONE`` marker into ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = out_dir / (MODEL_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out_dir / MODEL_FILE)
-    (out_dir / MODEL_ARGS_FILE).write_text(json.dumps(build_args or {}, indent=2), encoding="utf-8")
-    (out_dir / DONE_FILE).write_text("pre-training finished\n", encoding="utf-8")
-    return out_dir / MODEL_FILE
-
-
-def is_pretrained(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds a finished pre-training (model, build arguments, DONE marker)."""
-    out_dir = Path(out_dir)
-    return all((out_dir / name).exists() for name in (MODEL_FILE, MODEL_ARGS_FILE, DONE_FILE))
-
-
-def load_model(out_dir: str | Path, build: Callable[..., nn.Module], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a pre-trained model from ``model_args.json`` with ``build(**args)`` and load ``model.pt``.
-
-    The weights load with ``torch.load(weights_only=True)``; no Lightning checkpoint is needed.
-    """
-    out_dir = Path(out_dir)
-    args = json.loads((out_dir / MODEL_ARGS_FILE).read_text(encoding="utf-8"))
-    model = build(**args)
-    state = torch.load(out_dir / MODEL_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def settings_dict(settings: PretrainSettings) -> dict:
-    """The settings as a plain dict (for logs)."""
-    return asdict(settings)

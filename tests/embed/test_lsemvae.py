@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from kale_ext.embed.fusion import HierarchicalModalityExperts, MeanFusion, PoEFusion, SubsetPoEFusion
-from kale_ext.embed.lsemvae import LSEMVAE, MODEL_NAMES, build_model
+from kale_ext.embed.lsemvae import LSEMVAE
 from kale_ext.embed.multimodal_vae import MultimodalVAE
 from kale_ext.embed.resnet1d import ResNet1d, XResNet1d
 from kale_ext.embed.signal_cnn import LeadwiseSignalDecoder, SharedLeadDecoder
+from kale_ext.embed.zoo import MODELS, build_model
 
 PAPER_PARAMETERS = 256_150_577  # method_spec.md section 1.3 (the authors' architecture)
 T, D = 40, 4
@@ -37,7 +38,7 @@ def _loss(model, x):
     return recon + kl
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_takes_a_training_step(name):
     model = build_model(name, input_dim=T, latent_dim=D, **TINY.get(name, {})).train()
     x = torch.randn(3, 12, T)

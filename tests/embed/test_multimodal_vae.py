@@ -4,13 +4,9 @@ import pytest
 import torch
 
 from kale_ext.embed.fusion import HierarchicalModalityExperts, MeanFusion
+from kale_ext.embed.joint_cnn import JointSignalDecoder, JointSignalVAEEncoder
 from kale_ext.embed.multimodal_vae import MultimodalVAE, VAEOutput
-from kale_ext.embed.signal_cnn import (
-    JointSignalDecoder,
-    JointSignalVAEEncoder,
-    LeadwiseSignalVAEEncoder,
-    SharedLeadDecoder,
-)
+from kale_ext.embed.signal_cnn import LeadwiseSignalVAEEncoder, SharedLeadDecoder
 
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 LIMB = LEADS[:6]

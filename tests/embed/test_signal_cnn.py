@@ -7,8 +7,6 @@ import torch.nn.functional as F
 from kale_ext.embed.fusion import LOG_VAR_MAX
 from kale_ext.embed.signal_cnn import (
     CONV_IMPLS,
-    JointSignalDecoder,
-    JointSignalVAEEncoder,
     LeadwiseSignalDecoder,
     LeadwiseSignalVAEEncoder,
     SharedLeadDecoder,
@@ -169,13 +167,6 @@ def test_leadwise_decoder_equals_separate_decoders():
                 deconv.weight.copy_(dec.deconv_weights[i][lead])
                 deconv.bias.copy_(dec.deconv_biases[i][lead])
         torch.testing.assert_close(recon[:, lead], single(z)[:, 0], atol=1e-5, rtol=1e-5)
-
-
-def test_joint_encoder_decoder_shapes():
-    enc = JointSignalVAEEncoder(12, 99, 5)
-    mean, log_var = enc(torch.randn(2, 12, 99))
-    assert mean.shape == log_var.shape == (1, 2, 5)
-    assert JointSignalDecoder(12, 99, 5)(mean[0]).shape == (2, 12, 99)
 
 
 def test_auto_implementation_resolves_by_device_and_block_diagonal_equals_grouped():

@@ -258,7 +258,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_pretraining_with_two_cpu_processes_shards_the_data(tiny_run, tmp_path):
+def test_ddp_pretraining_with_two_cpu_processes_runs_from_the_command_line(tiny_run, tmp_path):
     env_port = str(_free_port())
     args = [
         "--cfg",
@@ -274,8 +274,6 @@ def test_ddp_pretraining_with_two_cpu_processes_shards_the_data(tiny_run, tmp_pa
         "ddp",
         "PRETRAIN.EPOCHS",
         "1",
-        "PRETRAIN.DEBUG_LOG_INDICES",
-        "True",
         "PRETRAIN.BATCH_SIZE",
         "4",
     ]
@@ -285,13 +283,10 @@ def test_ddp_pretraining_with_two_cpu_processes_shards_the_data(tiny_run, tmp_pa
     finally:
         os.environ.pop("MASTER_PORT", None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = {}
-    for rank in (0, 1):
-        lines = (tmp_path / "pretrain" / f"seen_rank{rank}.txt").read_text().split("\n")
-        seen[rank] = [int(i) for line in lines if line for i in line.split()[1:]]
-    assert seen[0] and seen[1] and len(seen[0]) == len(seen[1])
-    assert not set(seen[0]) & set(seen[1])
+    # both ranks ran (the sharding itself is tested on the library: tests/pipeline/test_pretrain.py)
     assert (tmp_path / "pretrain" / "model.pt").exists()
+    logs = list((tmp_path / "pretrain" / "logs").rglob("metrics.csv"))
+    assert logs and "train/loss" in logs[0].read_text()
 
 
 def test_comparison_writes_one_table_for_methods_and_lead_settings(tiny_run, tmp_path):

@@ -88,7 +88,7 @@ def test_compute_maps_leads_by_name_and_honours_the_data_mask():
 
 def test_on_the_lsemvae_model():
     """The real HiME model: 6 leads + shared, learned gate; without the gate the weights are reported uniform."""
-    lsemvae = pytest.importorskip("kale_ext.embed.lsemvae")
+    lsemvae = pytest.importorskip("kale_ext.embed.zoo")
     torch.manual_seed(0)
     x = torch.randn(5, 3, 64)
     mask = torch.ones(5, 3, dtype=torch.bool)

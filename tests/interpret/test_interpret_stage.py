@@ -53,7 +53,7 @@ def stage(monkeypatch):
     import config
     import interpret_stage
 
-    from kale_ext.embed.lsemvae import build_model
+    from kale_ext.embed.zoo import build_model
     from kale_ext.predict.heads import ClassificationHead, FeatureClassifier, LatentFeatureExtractor
 
     torch.manual_seed(0)

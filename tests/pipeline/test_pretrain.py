@@ -5,21 +5,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.lightning import FailAtEpoch, SimulatedInterruption
 from torch.utils.data import Dataset
 
-from kale_ext.embed.lsemvae import build_model
+from kale_ext.embed.zoo import build_model
+from kale_ext.pipeline.artifacts import is_pretrained, load_model
 from kale_ext.pipeline.pretrain import (
     EpochSeededSampler,
     PretrainModule,
     PretrainSettings,
-    SimulatedInterruption,
-    is_pretrained,
-    load_model,
-    reference_alignment,
+    resumable_checkpoint,
     run_pretraining,
     split_by_subject,
 )
 from kale_ext.predict.losses import gaussian_kl
+from kale_ext.predict.objectives import ELBOObjective, ReferenceObjective, build_objective, reference_alignment
 
 LEADS = ("I", "II", "V1")
 T = 64
@@ -49,12 +49,15 @@ def _model(seed=0):
     return build_model("lsemvae", LEADS, T, 4)
 
 
+def _objective():
+    return ELBOObjective(beta=1.0, beta_warmup_epochs=2, gamma=1.0)
+
+
 def _settings(**kw):
     base = dict(
         epochs=3,
         batch_size=8,
         lr=1e-3,
-        beta_warmup_epochs=2,
         val_fraction=0.25,
         seed=7,
         accelerator="cpu",
@@ -107,7 +110,7 @@ def test_reference_alignment_matches_hand_computation():
 
 def test_reference_mode_kl_is_on_the_mean_of_lead_encoders():
     model = _model()
-    module = PretrainModule(model, loss_mode="reference", gamma=0.0, beta=1.0, beta_warmup_epochs=0)
+    module = PretrainModule(model, ReferenceObjective(gamma=0.0, beta=1.0, beta_warmup_epochs=0))
     data = _TinyLeads(6)
     batch = {"signals": data.x[:6], "mask": torch.ones(6, 3, dtype=torch.bool)}
     losses = module.compute_losses(batch, sample=False)
@@ -118,27 +121,29 @@ def test_reference_mode_kl_is_on_the_mean_of_lead_encoders():
 
 
 def test_paper_mode_beta_anneals_per_step_and_reference_per_epoch():
-    module = PretrainModule(_model(), beta=0.5, beta_warmup_epochs=2, loss_mode="paper")
+    module = PretrainModule(_model(), ELBOObjective(beta=0.5, beta_warmup_epochs=2))
     assert module.current_beta() == 0.0  # step 0 without a trainer
-    ref = PretrainModule(_model(), beta=1.0, beta_warmup_epochs=50, loss_mode="reference")
+    ref = PretrainModule(_model(), ReferenceObjective(beta=1.0, beta_warmup_epochs=50))
     assert ref.current_beta() == 0.0
-    with pytest.raises(ValueError, match="paper"):
-        PretrainModule(_model(), loss_mode="bogus")
+    with pytest.raises(ValueError, match="elbo"):
+        build_objective("bogus")
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     data = _TinyLeads()
     args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
     full = _model(1)
-    run_pretraining(full, data, tmp_path / "full", _settings(), build_args=args)
+    run_pretraining(full, _objective(), data, tmp_path / "full", _settings(), build_args=args)
 
     killed = _model(1)
     with pytest.raises(SimulatedInterruption):
-        run_pretraining(killed, data, tmp_path / "resumed", _settings(fail_at_epoch=2), build_args=args)
+        run_pretraining(
+            killed, _objective(), data, tmp_path / "resumed", _settings(), build_args=args, callbacks=[FailAtEpoch(2)]
+        )
     assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").exists()
     assert not is_pretrained(tmp_path / "resumed")
     fresh = _model(99)  # a different initialisation: everything must come from the checkpoint
-    result = run_pretraining(fresh, data, tmp_path / "resumed", _settings(), build_args=args)
+    result = run_pretraining(fresh, _objective(), data, tmp_path / "resumed", _settings(), build_args=args)
     assert result.resumed_from is not None
     a, b = full.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
@@ -153,7 +158,7 @@ def test_outputs_load_with_weights_only(tmp_path):
     data = _TinyLeads()
     args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
     model = _model()
-    run_pretraining(model, data, tmp_path, _settings(epochs=1), build_args=args)
+    run_pretraining(model, _objective(), data, tmp_path, _settings(epochs=1), build_args=args)
     assert is_pretrained(tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert "state_dict" in ckpt and ckpt["epoch"] == 0
@@ -169,8 +174,8 @@ def test_compiled_forward_gives_the_same_losses_and_keeps_the_state_dict():
     """PRETRAIN.COMPILE: torch.compile of the forward only; same numbers, same parameter names for checkpoints."""
     data = _TinyLeads(6)
     batch = {"signals": data.x[:6], "mask": data.mask[:6]}
-    eager = PretrainModule(_model(), gamma=0.1, beta=1.0, beta_warmup_epochs=0)
-    compiled = PretrainModule(_model(), gamma=0.1, beta=1.0, beta_warmup_epochs=0, compile=True)
+    eager = PretrainModule(_model(), ELBOObjective(gamma=0.1, beta=1.0, beta_warmup_epochs=0))
+    compiled = PretrainModule(_model(), ELBOObjective(gamma=0.1, beta=1.0, beta_warmup_epochs=0), compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     a = eager.compute_losses(batch, sample=False)
     b = compiled.compute_losses(batch, sample=False)
@@ -178,3 +183,39 @@ def test_compiled_forward_gives_the_same_losses_and_keeps_the_state_dict():
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
     b["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in compiled.model.encoder.parameters())
+
+
+def test_ddp_with_two_cpu_processes_shards_the_data_without_overlap(tmp_path):
+    """Two DDP processes (Lightning on CPU) train on disjoint, equally long slices of every epoch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).with_name("ddp_probe.py")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(probe), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {}
+    for rank in (0, 1):
+        lines = (tmp_path / f"seen_rank{rank}.txt").read_text().split("\n")
+        seen[rank] = [int(i) for line in lines if line for i in line.split()[1:]]
+    assert seen[0] and seen[1] and len(seen[0]) == len(seen[1])
+    assert not set(seen[0]) & set(seen[1])
+    assert (tmp_path / "model.pt").exists()
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+    data = _TinyLeads()
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    run_pretraining(_model(), _objective(), data, tmp_path, _settings(epochs=2), build_args=args)
+    ckpt = tmp_path / "checkpoints"
+    last = ckpt / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])  # a crash (or a full disk) mid-write
+    with caplog.at_level("WARNING"):
+        chosen = resumable_checkpoint(ckpt)
+    assert chosen is not None and chosen.name.startswith("epoch") and "cannot be read" in caplog.text
+    for p in ckpt.glob("*.ckpt"):
+        p.write_bytes(b"")
+    assert resumable_checkpoint(ckpt) is None

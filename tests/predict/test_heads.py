@@ -181,13 +181,13 @@ def test_joint_encoder_gives_its_mean_and_receives_the_mask():
 
 
 def test_extractor_on_the_project_models_when_present():
-    lsemvae = pytest.importorskip("kale_ext.embed.lsemvae")
+    zoo = pytest.importorskip("kale_ext.embed.zoo")
     six = ("I", "II", "III", "aVR", "aVL", "aVF")
     x = torch.randn(2, 6, 64)
     mask = torch.tensor([[True] * 6, [True, True, True, False, True, True]])
     x[1, 3] = float("nan")
     for name, width in (("lsemvae", 6 * 4), ("betavae", 4)):
-        vae = lsemvae.build_model(name, input_dim=64, latent_dim=4)
+        vae = zoo.build_model(name, input_dim=64, latent_dim=4)
         ext = LatentFeatureExtractor(vae, six)
         model = FeatureClassifier(ext, ClassificationHead(ext.out_features, hidden_dim=8))
         assert ext.out_features == width

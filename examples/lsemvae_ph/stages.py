@@ -1,0 +1,432 @@
+"""The stages of the PH example: prepare, pretrain, finetune, evaluate, predict.
+
+Each stage takes the ``RunLayout`` of the run (``layout.py``), composes library parts and reuses finished outputs of
+earlier runs. What a model is comes from the registry ``kale_ext.embed.zoo.MODELS``; saving and loading trained
+models is ``kale_ext.pipeline.artifacts``; subject-level metrics are ``kale_ext.evaluate.aggregate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from layout import SYNTHETIC_NOTE, RunLayout, lead_tag
+
+import kale_ext
+from kale_ext.embed.zoo import build_from_args
+from kale_ext.evaluate.aggregate import per_fold_metrics, subject_level
+from kale_ext.evaluate.cross_validation import make_folds
+from kale_ext.evaluate.reports import (
+    plot_roc,
+    predictions_frame,
+    results_row,
+    summary_with_ci,
+    write_metrics_json,
+    write_predictions_csv,
+    write_results_table,
+)
+from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, label_from_threshold
+from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
+from kale_ext.loaddata.wfdb_sources import list_records
+from kale_ext.pipeline import artifacts
+from kale_ext.pipeline.finetune import FinetuneSettings, cross_validate, extract_features, feature_dataset
+from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
+from kale_ext.pipeline.scoring import score_records
+from kale_ext.predict.heads import LatentFeatureExtractor
+from kale_ext.predict.objectives import build_objective
+from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+from kale_ext.utils.distributed import global_rank, wait_for
+from kale_ext.utils.files import short_hash
+from kale_ext.utils.stage_marker import FINGERPRINT_FILE, fingerprint_differences, stage_status, write_fingerprint
+
+logger = logging.getLogger("lsemvae_ph")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _file_hash(*paths: Path) -> str:
+    return short_hash([p.read_bytes().hex() if p.exists() else None for p in paths])
+
+
+def _slice(cfg, keys: list[str]) -> dict:
+    out = {}
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        out[key] = json.loads(json.dumps(node, default=str))
+    return out
+
+
+def pretrain_fingerprint(run: RunLayout) -> dict:
+    """What a pre-trained model is made from: model and objective settings, the records, the code version."""
+    keys = ["SEED", "MODEL", "DATASET.PRETRAIN_LEADS", "DATASET.FS", "DATASET.INPUT_LENGTH",
+            "DATASET.MAX_PRETRAIN_RECORDS", "DATASET.PRETRAIN_SOURCE", "DATASET.SYNTHETIC"]  # fmt: skip
+    if not run.cfg.DATASET.PRETRAIN_SOURCE:
+        keys.append("DATASET.FINETUNE_SOURCE")
+    config = _slice(run.cfg, keys)
+    config["PRETRAIN"] = {
+        k: v for k, v in _slice(run.cfg, ["PRETRAIN"])["PRETRAIN"].items() if k not in ("DIR", "RESUME")
+    }
+    return {"code": kale_ext.__version__, "config": config}
+
+
+def finetune_fingerprint(run: RunLayout) -> dict:
+    """What the fold classifiers are made from: labels, records, folds, head settings and the pre-trained model."""
+    keys = ["SEED", "MODEL", "FINETUNE", "EVAL.N_SPLITS", "EVAL.SEED", "TASK", "DATASET.LEADS",
+            "DATASET.LABEL_ID_COLUMN", "DATASET.LABEL_COLUMN", "DATASET.LABELS_CSV"]  # fmt: skip
+    cache = run.finetune_cache
+    return {
+        "code": kale_ext.__version__,
+        "config": _slice(run.cfg, keys),
+        "labels": _file_hash(run.labels),
+        "records": _file_hash(cache / "index.csv", cache / "spec.json"),
+        "pretrain": pretrain_fingerprint(run) if not run.spec.end_to_end else None,
+    }
+
+
+def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool, what: str) -> bool:
+    """True when ``folder`` holds a finished output of these inputs; a stale one is moved aside (or refused).
+
+    A finished output, or an unfinished one with checkpoints, made from other inputs is renamed to
+    ``<folder>.stale-<k>`` (nothing is deleted) and the stage recomputes; with ``keep`` (the user named the folder
+    to be shared) it is refused with the differences named.
+    """
+    status, diffs = stage_status(folder, fingerprint, done_file)
+    if status == "match":
+        logger.info("reusing the %s in %s (same inputs)", what, folder)
+        return True
+    stored = folder / FINGERPRINT_FILE
+    if status == "missing" and stored.exists():  # an interrupted run: resumable only from the same inputs
+        diffs = fingerprint_differences(json.loads(stored.read_text(encoding="utf-8")), fingerprint)
+        status = "stale" if diffs else "missing"
+    if status == "stale":
+        changes = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        if keep:
+            raise RuntimeError(f"the {what} in {folder} was made from other inputs ({changes}); use another folder "
+                               "or delete it to recompute")  # fmt: skip
+        k = 1
+        while folder.with_name(f"{folder.name}.stale-{k}").exists():
+            k += 1
+        shutil.move(str(folder), str(folder.with_name(f"{folder.name}.stale-{k}")))
+        logger.warning("the %s in %s was made from other inputs (%s): moved to %s.stale-%d, recomputing", what,
+                       folder, changes, folder.name, k)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    write_fingerprint(folder, fingerprint)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------------------------------
+def _synthetic_sources(run: RunLayout) -> tuple[Path, Path, Path]:
+    """Generate (once) the labelled synthetic cohort and an unlabelled archive; return their roots and labels CSV."""
+    syn, fs = run.cfg.DATASET.SYNTHETIC, float(run.cfg.DATASET.FS)  # written at the run's rate: no resampling
+    labelled, archive = run.synthetic_dir / "labelled", run.synthetic_dir / "archive"
+    jobs = (
+        (labelled, syn.N_SUBJECTS, lambda: write_synthetic_cohort(labelled, int(syn.N_SUBJECTS), int(syn.SEED), fs)),
+        (
+            archive,
+            syn.N_ARCHIVE_SUBJECTS,
+            lambda: write_synthetic_archive(
+                archive, int(syn.N_ARCHIVE_SUBJECTS), int(syn.SEED) + 1, syn.ARCHIVE_RECORDS_PER_SUBJECT, fs=fs
+            ),
+        ),
+    )
+    for folder, n, write in jobs:
+        done = folder / "DONE"
+        if n <= 0 or done.exists():
+            continue
+        if global_rank() != 0:
+            wait_for(done)
+            continue
+        logger.info("generating synthetic ECG records (%d subjects) in %s", n, folder)
+        write()
+        done.write_text("synthetic cohort complete\n", encoding="utf-8")
+    haemo = [labelled / n for n in ("haemodynamics.csv", "hemodynamics.csv") if (labelled / n).is_file()]
+    if not haemo:
+        raise FileNotFoundError(f"no haemodynamics CSV in {labelled}; delete the folder to regenerate the cohort")
+    return labelled, archive, haemo[0]
+
+
+def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...]) -> None:
+    if (out_dir / "spec.json").exists():
+        logger.info("reusing cache %s", out_dir)
+        return
+    if global_rank() != 0:
+        wait_for(out_dir / "spec.json")
+        return
+    workers = run.cfg.DATASET.PREPARE_WORKERS if run.cfg.DATASET.PREPARE_WORKERS > 0 else None
+    report = prepare_ecg_cache(
+        source,
+        out_dir,
+        spec=run.preprocess,
+        leads=list(leads),
+        num_workers=workers,
+        progress=run.cfg.TRAINER.PROGRESS_BAR,
+    )
+    logger.info(
+        "cache %s: %d of %d records written, %d skipped", out_dir, report.n_written, report.n_input, report.n_skipped
+    )
+    if report.n_written == 0:
+        raise RuntimeError(f"no record of {source} passed quality control; see {out_dir / 'qc.csv'}")
+
+
+def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
+    """Label table (id column, ``label``) from a ready label column or the task's threshold rule."""
+    cfg, task = run.cfg, run.cfg.TASK
+    id_col = cfg.DATASET.LABEL_ID_COLUMN
+    if cfg.DATASET.LABEL_COLUMN:
+        table = pd.read_csv(labels_csv, dtype={id_col: str})
+        missing = [c for c in (id_col, cfg.DATASET.LABEL_COLUMN) if c not in table.columns]
+        if missing:
+            raise ValueError(f"{labels_csv} lacks columns {missing}; it has {list(table.columns)}")
+        out = table[[id_col, cfg.DATASET.LABEL_COLUMN]].dropna().rename(columns={cfg.DATASET.LABEL_COLUMN: "label"})
+        out["label"] = out["label"].astype(int)
+        return out
+    rules = {
+        "ph": ("detection", task.MPAP_COLUMN, task.MPAP_THRESHOLD),
+        "phenotype": ("phenotype", [task.MPAP_COLUMN, task.PAWP_COLUMN], [task.MPAP_THRESHOLD, task.PAWP_THRESHOLD]),
+        "pawp": ("elevated", task.PAWP_COLUMN, task.PAWP_THRESHOLD),
+    }
+    return label_from_threshold(labels_csv, *rules[task.NAME], id_col)
+
+
+def stage_prepare(run: RunLayout) -> None:
+    """Synthetic cohort (when no data are configured), the caches and the label table."""
+    cfg = run.cfg
+    if run.synthetic:
+        labelled, archive, labels_csv = _synthetic_sources(run)
+        finetune_source = labelled
+        # Pre-training sees the unlabelled archive and the labelled cohort's records without their labels.
+        pretrain_source = list_records(archive) + list_records(labelled) if archive.exists() else labelled
+    else:
+        finetune_source, labels_csv = cfg.DATASET.FINETUNE_SOURCE, cfg.DATASET.LABELS_CSV
+        if not labels_csv:
+            raise ValueError("DATASET.LABELS_CSV is empty; give the labels CSV of DATASET.FINETUNE_SOURCE")
+        pretrain_source = cfg.DATASET.PRETRAIN_SOURCE or finetune_source
+    _build_cache(run, finetune_source, run.finetune_cache, run.leads)
+    if (
+        run.spec.pretrained
+        and stage_status(run.pretrain_dir, pretrain_fingerprint(run), artifacts.DONE_FILE)[0] != "match"
+    ):
+        _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads)
+    if global_rank() == 0:
+        table = make_labels(run, labels_csv)
+        run.labels.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(run.labels, index=False)
+        logger.info("labels: %d ids, %d positive (%s)", len(table), int(table["label"].sum()), cfg.TASK.NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------------------------------
+def pretrain_settings(run: RunLayout) -> PretrainSettings:
+    """``PretrainSettings`` from the config."""
+    p, t = run.cfg.PRETRAIN, run.cfg.TRAINER
+    return PretrainSettings(
+        epochs=p.EPOCHS, batch_size=p.BATCH_SIZE, lr=p.LR, weight_decay=p.WEIGHT_DECAY, grad_clip=p.GRAD_CLIP,
+        val_fraction=p.VAL_FRACTION, seed=run.cfg.SEED, num_workers=run.cfg.DATASET.NUM_WORKERS,
+        accelerator=t.ACCELERATOR, devices=t.DEVICES if t.DEVICES != 0 else "auto", num_nodes=t.NUM_NODES,
+        strategy=t.STRATEGY, precision=t.PRECISION, log_every_n_steps=t.LOG_EVERY_N_STEPS,
+        progress_bar=t.PROGRESS_BAR, resume=p.RESUME, compile=p.COMPILE,
+    )  # fmt: skip
+
+
+def make_objective(run: RunLayout):
+    """The pre-training objective: the model's registry objective, or the authors' one in reference mode."""
+    p = run.cfg.PRETRAIN
+    name = "reference" if p.LOSS_MODE == "reference" else run.spec.objective
+    return build_objective(name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA)
+
+
+def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
+    """Pre-train the model (skipped for models without pre-training and when a finished model exists).
+
+    Returns:
+        True on the global rank 0 (or when nothing ran); False on other DDP ranks, which stop after this stage.
+    """
+    if not run.spec.pretrained:
+        logger.info("%s has no pre-training", run.cfg.MODEL.NAME)
+        return True
+    if global_rank() == 0:
+        explicit = bool(run.cfg.PRETRAIN.DIR)
+        if reuse_or_retire(
+            run.pretrain_dir, pretrain_fingerprint(run), artifacts.DONE_FILE, explicit, "pre-trained model"
+        ):
+            return True
+    elif artifacts.is_pretrained(run.pretrain_dir):
+        return True
+    n_max = run.cfg.DATASET.MAX_PRETRAIN_RECORDS
+    dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.preprocess)
+    if 0 < n_max < len(dataset):
+        dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, indices=np.arange(n_max))
+    torch.manual_seed(run.cfg.SEED)
+    args = run.build_args(run.pretrain_leads)
+    model = build_from_args(**args)
+    logger.info("pre-training %s (%d parameters) on %d records", args["name"], model.num_parameters(), len(dataset))
+    result = run_pretraining(
+        model, make_objective(run), dataset, run.pretrain_dir, pretrain_settings(run), build_args=args,
+        leads=run.pretrain_leads, callbacks=list(callbacks),
+    )  # fmt: skip
+    return result.is_global_zero
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# finetune
+# ---------------------------------------------------------------------------------------------------------------------
+def finetune_settings(run: RunLayout) -> FinetuneSettings:
+    """``FinetuneSettings`` from the config (end-to-end models may have their own epoch count)."""
+    f = run.cfg.FINETUNE
+    threshold = f.THRESHOLD if f.THRESHOLD in ("youden", "argmax") else float(f.THRESHOLD)
+    epochs = f.SUPERVISED_EPOCHS if run.spec.end_to_end and f.SUPERVISED_EPOCHS > 0 else f.EPOCHS
+    return FinetuneSettings(
+        epochs=epochs, batch_size=f.BATCH_SIZE, lr=f.LR, weight_decay=f.WEIGHT_DECAY, optimizer=f.OPTIMIZER,
+        loss=f.LOSS, focal_gamma=f.FOCAL_GAMMA, focal_alpha=None if f.FOCAL_ALPHA < 0 else f.FOCAL_ALPHA,
+        threshold=threshold, hidden_dim=f.HIDDEN_DIM, dropout=f.DROPOUT, seed=run.cfg.SEED, device=_device(),
+        progress=run.cfg.TRAINER.PROGRESS_BAR,
+    )  # fmt: skip
+
+
+def labelled_dataset(run: RunLayout) -> ECGLeadDataset:
+    """The labelled records of the run (``ECGLeadDataset`` with ``label``)."""
+    return ECGLeadDataset(
+        run.finetune_cache, leads=run.leads, labels=run.labels, label_column="label",
+        id_column=run.cfg.DATASET.LABEL_ID_COLUMN, expected_fingerprint=run.preprocess,
+    )  # fmt: skip
+
+
+def stage_finetune(run: RunLayout) -> None:
+    """Cross-validated fine-tuning; writes fold models, ``classifier.json``, ``folds.csv`` and ``finetune/oof.csv``."""
+    out, settings = run.finetune_dir, finetune_settings(run)
+    if reuse_or_retire(out, finetune_fingerprint(run), "DONE", False, "fine-tuned models"):
+        return
+    dataset = labelled_dataset(run)
+    labels = np.asarray(dataset.labels)
+    folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
+    hidden, dropout = settings.hidden_dim, settings.dropout
+    if run.spec.end_to_end:
+        info = artifacts.classifier_info(run.build_args(run.leads), run.leads, hidden, dropout, run.features)
+        data, make = dataset, artifacts.end_to_end_factory(info)
+    else:
+        vae = artifacts.load_model(run.pretrain_dir, device=settings.device)
+        logger.info("computing frozen %s features of %d records once (sliced per fold)", run.features, len(dataset))
+        extractor = LatentFeatureExtractor(vae, run.leads, run.features)
+        batch, bar = run.cfg.FINETUNE.FEATURE_BATCH_SIZE, run.cfg.TRAINER.PROGRESS_BAR
+        features = extract_features(extractor, dataset, batch, settings.device, bar)
+        np.save(out / "features.npy", features)
+        info = artifacts.classifier_info(
+            vae_args(run), run.leads, hidden, dropout, run.features, features.shape[1], run.pretrain_dir
+        )
+        data, make = feature_dataset(features, labels), artifacts.head_factory(info)
+
+    def save_fold(outcome) -> None:
+        artifacts.save_fold_classifier(
+            out, outcome.fold, outcome.model, {**outcome.metrics, "threshold": outcome.threshold}
+        )
+
+    result = cross_validate(make, data, labels, folds, settings, on_fold_end=save_fold, log_dir=out / "logs")
+    artifacts.write_classifier_info(out, info)
+    oof = pd.DataFrame(
+        {"record_id": dataset.record_ids, "subject_id": dataset.subject_ids, "label": labels, "fold": folds,
+         "threshold": result.threshold, "probability": result.prob}
+    )  # fmt: skip
+    oof.to_csv(out / "oof.csv", index=False)
+    oof[["record_id", "subject_id", "label", "fold", "threshold"]].to_csv(run.folds, index=False)
+    (out / "DONE").write_text("fine-tuning finished\n", encoding="utf-8")
+
+
+def vae_args(run: RunLayout) -> dict:
+    """The registry record of the run's pre-trained model, as saved beside it."""
+    return json.loads((run.pretrain_dir / artifacts.MODEL_ARGS_FILE).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------------------------
+def stage_evaluate(run: RunLayout) -> dict:
+    """Metrics per fold, mean +- std, bootstrap CI; metrics.json, predictions.csv, results.md, results.csv, roc.png."""
+    oof_path = run.finetune_dir / "oof.csv"
+    if not oof_path.exists():
+        raise FileNotFoundError(f"{oof_path} not found; run --stage finetune first")
+    subjects = subject_level(pd.read_csv(oof_path, dtype={"subject_id": str, "record_id": str}))
+    y, p = subjects["label"].to_numpy(), subjects["probability"].to_numpy()
+    fold_ids, thr = subjects["fold"].to_numpy(), subjects["threshold"].to_numpy()
+    fold_metrics = per_fold_metrics(subjects)
+    summary = summary_with_ci(fold_metrics, y, p, thr, n_boot=run.cfg.EVAL.N_BOOT, seed=run.cfg.SEED)
+    method, tag = run.method_label, lead_tag(run.leads)
+    extra = {"note": SYNTHETIC_NOTE} if run.synthetic else {}
+    write_metrics_json(
+        run.out / "metrics.json", synthetic=run.synthetic, task=run.task, method=method, leads=run.leads,
+        folds=fold_metrics, summary=summary, n_subjects=int(len(subjects)), **extra,
+    )  # fmt: skip
+    table = predictions_frame(subjects["subject_id"], y, p, fold_ids, thr, record_ids=subjects["record_id"])
+    table["synthetic"] = run.synthetic
+    write_predictions_csv(run.out / "predictions.csv", table)
+    title = f"{run.task}: {method}, {tag}"
+    rows = [results_row(method, tag, summary)]
+    write_results_table(rows, run.out / "results.md", run.out / "results.csv", title=title, synthetic=run.synthetic)
+    plot_roc(y, p, fold_ids, run.out / "roc.png", title=("[synthetic] " if run.synthetic else "") + title)
+    write_output_readme(run, summary)
+    return summary
+
+
+def write_output_readme(run: RunLayout, summary: dict) -> None:
+    """``OUTPUT.DIR/README.md``: what each output is, whether the data are synthetic, the headline metrics."""
+    lines = [f"# Outputs of {run.method_label}, {run.cfg.DATASET.LEADS}, task {run.cfg.TASK.NAME}", ""]
+    if run.synthetic:
+        lines += [f"**{SYNTHETIC_NOTE}**", ""]
+    lines += [
+        "- `config.yaml`: the merged configuration",
+        "- `metrics.json`: per-fold metrics and mean/std/bootstrap 95% CI",
+        "- `predictions.csv`: out-of-fold probability per subject (`synthetic` column says whether data are generated)",
+        "- `results.md` / `results.csv`: Table-2-style row; `roc.png`: ROC curves per fold and pooled",
+        "- `pretrain/`: pre-trained model (`model.pt`, `model_args.json`), checkpoints, TensorBoard/CSV logs",
+        "- `finetune/`: fold models, features, out-of-fold predictions, per-fold logs; `folds.csv`: fold and "
+        "threshold per record",
+        "",
+        "| metric | mean | std | 95% CI |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in ("accuracy", "auroc", "mcc"):
+        e = summary.get(name)
+        if e:
+            lines.append(f"| {name} | {e['mean']:.3f} | {e['std']:.3f} | [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] |")
+    (run.out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------------------------------------
+def stage_predict(run: RunLayout) -> pd.DataFrame:
+    """Score new WFDB records with the fold models: mean probability over folds, threshold = mean fold threshold.
+
+    Records lacking a lead of DATASET.LEADS are refused: they get no probability and a ``status`` naming the lead.
+    """
+    cfg = run.cfg
+    if not cfg.PREDICT.SOURCE:
+        raise ValueError("PREDICT.SOURCE is empty; give a folder of WFDB records or a manifest CSV to score")
+    fold_thresholds = pd.read_csv(run.folds).groupby("fold")["threshold"].first()
+    cache = run.predict_dir / f"cache_{run.preprocess.fingerprint()}"
+    prepare_ecg_cache(
+        cfg.PREDICT.SOURCE, cache, spec=run.preprocess, leads=list(run.leads), num_workers=1,
+        progress=cfg.TRAINER.PROGRESS_BAR, overwrite=True,
+    )  # fmt: skip
+    qc = pd.read_csv(cache / "qc.csv", dtype=str, keep_default_na=False)
+    has_records = (cache / "signals.npy").exists() and len(pd.read_csv(cache / "index.csv")) > 0
+    data = ECGLeadDataset(cache, leads=run.leads) if has_records else None
+    classifiers = [artifacts.load_fold_classifier(run.finetune_dir, int(k)) for k in fold_thresholds.index]
+    table = score_records(classifiers, data, run.leads, float(fold_thresholds.mean()), qc=qc)
+    out_csv = Path(cfg.PREDICT.OUT_CSV) if cfg.PREDICT.OUT_CSV else run.predict_dir / "scores.csv"
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False)
+    n_ok = int((table["status"] == "ok").sum())
+    print(f"scored {n_ok} records, refused {len(table) - n_ok}; wrote {out_csv}")
+    return table

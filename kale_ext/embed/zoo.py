@@ -1,0 +1,246 @@
+"""The model registry: every model of the comparison, what it is and how to build it, in one table.
+
+``MODELS`` maps a model name to a :class:`ModelSpec`: its builder, whether it is pre-trained (self-supervised, then
+frozen for a head) or trained end to end, its display label, the fine-tuning features it offers, the name of its
+pre-training objective (resolved by ``kale_ext.predict.objectives.build_objective``; the registry holds the name only
+because ``embed`` may not import ``predict``), and which builder options it accepts. Configuration validation,
+method labels, result tables and documentation lists are all read from here, so adding a model is one builder and
+one entry (``docs/architecture.md`` shows the steps).
+
+Models: LS-EMVAE (Suvon et al., arXiv 2503.13470) and its reference-code variant, MVAE (Wu and Goodman 2018),
+MoPoE-VAE (Sutter et al. 2021), MMVAE-style averaging (Shi et al. 2019, as in the authors' baseline), beta-VAE
+(Higgins et al. 2017), Multimodal-CNN (the LS-EMVAE encoders trained from scratch), ResNet1d and XResNet1d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from kale_ext.embed.fusion import MeanFusion, PoEFusion, SubsetPoEFusion
+from kale_ext.embed.joint_cnn import JointSignalDecoder, JointSignalVAEEncoder
+from kale_ext.embed.lsemvae import LSEMVAE
+from kale_ext.embed.multimodal_vae import MultimodalVAE
+from kale_ext.embed.resnet1d import ResNet1d, XResNet1d
+from kale_ext.embed.signal_cnn import LeadwiseSignalDecoder, LeadwiseSignalVAEEncoder, SharedLeadDecoder
+from kale_ext.loaddata.leads import CANONICAL_LEADS
+
+# Fine-tuning feature modes a latent model can offer (see kale_ext.predict.heads.LatentFeatureExtractor).
+LEAD_MEANS = "concat_means"
+FUSED_MEAN = "fused_mean"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model of the comparison is.
+
+    Attributes:
+        build: ``build(lead_names, input_dim, latent_dim, **options) -> nn.Module``.
+        label: name shown in result tables.
+        pretrained: True = self-supervised pre-training, then a head on the frozen model; False = no pre-training.
+        features: fine-tuning feature modes the model offers, the first being the default; ``()`` = the model is a
+            classifier itself (trained end to end on the signals).
+        objective: name of the pre-training objective (``kale_ext.predict.objectives``), or None.
+        options: builder keyword arguments the model accepts from a configuration.
+        frozen: whether the latent model is frozen during fine-tuning (False: trained end to end with the head).
+        multimodal: one expert per lead (the multimodal block of the paper's Table 2) or not (unimodal block).
+    """
+
+    build: Callable[..., nn.Module]
+    label: str
+    pretrained: bool
+    features: tuple[str, ...]
+    objective: str | None
+    options: tuple[str, ...] = ()
+    frozen: bool = True
+    multimodal: bool = True
+
+    @property
+    def end_to_end(self) -> bool:
+        """True when fine-tuning trains the whole network on the signals (no frozen features)."""
+        return not self.features or not self.frozen
+
+
+_VAE_OPTIONS = ("lead_dropout", "conv_impl", "generator")
+
+
+def _build_lsemvae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    for flag, arg in (("no_poe", "use_poe"), ("no_moe", "use_moe"), ("no_gate", "gate")):
+        if options.pop(flag, False):
+            options[arg] = False
+    return LSEMVAE(lead_names, input_dim, latent_dim, **options)
+
+
+def _build_lsemvae_reference(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    options.setdefault("fusion_mode", "reference")
+    options.setdefault("decoder_mode", "identical")
+    return LSEMVAE(lead_names, input_dim, latent_dim, **options)
+
+
+def _per_lead_decoder(kind: str, num_leads: int, input_dim: int, latent_dim: int, conv_impl: str) -> nn.Module:
+    if kind == "separate":
+        return LeadwiseSignalDecoder(num_leads, input_dim, latent_dim)
+    if kind in ("lead", "identical"):
+        return SharedLeadDecoder(num_leads, input_dim, latent_dim, mode=kind, conv_impl=conv_impl)
+    raise ValueError(f"decoder must be 'separate', 'lead' or 'identical', got {kind!r}")
+
+
+def _lead_vae(fusion: nn.Module, lead_names, input_dim, latent_dim, options: dict) -> nn.Module:
+    common = {key: options.pop(key) for key in ("lead_dropout", "generator") if key in options}
+    conv_impl = options.pop("conv_impl", "auto")
+    decoder = _per_lead_decoder(options.pop("decoder", "separate"), len(lead_names), input_dim, latent_dim, conv_impl)
+    if options:
+        raise TypeError(f"unknown options: {sorted(options)}")
+    encoder = LeadwiseSignalVAEEncoder(len(lead_names), input_dim, latent_dim, conv_impl=conv_impl)
+    return MultimodalVAE(encoder, fusion, decoder, lead_names, **common)
+
+
+def _build_mvae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    fusion = PoEFusion(use_prior=options.pop("use_prior", True))
+    return _lead_vae(fusion, lead_names, input_dim, latent_dim, options)
+
+
+def _build_mopoe(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    fusion = SubsetPoEFusion(
+        use_prior=options.pop("use_prior", True),
+        subset_size=options.pop("subset_size", None),
+        generator=options.get("generator"),
+    )
+    return _lead_vae(fusion, lead_names, input_dim, latent_dim, options)
+
+
+def _build_mmvae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    return _lead_vae(MeanFusion(), lead_names, input_dim, latent_dim, options)
+
+
+def _build_betavae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    common = {key: options.pop(key) for key in ("lead_dropout", "generator") if key in options}
+    options.pop("conv_impl", None)  # plain Conv1d layers: one implementation
+    encoder = JointSignalVAEEncoder(len(lead_names), input_dim, latent_dim, **options)
+    decoder = JointSignalDecoder(len(lead_names), input_dim, latent_dim)
+    return MultimodalVAE(encoder, MeanFusion(), decoder, lead_names, **common)
+
+
+def _supervised(cls: type) -> Callable[..., nn.Module]:
+    def build(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+        return cls(len(lead_names), options.pop("num_classes", 2), **options)
+
+    return build
+
+
+MODELS: dict[str, ModelSpec] = {
+    "lsemvae": ModelSpec(
+        _build_lsemvae,
+        "LS-EMVAE",
+        pretrained=True,
+        features=(LEAD_MEANS, FUSED_MEAN),
+        objective="elbo",
+        options=("no_poe", "no_moe", "no_gate", "use_prior", *_VAE_OPTIONS),
+    ),
+    "lsemvae_reference": ModelSpec(
+        _build_lsemvae_reference,
+        "LS-EMVAE (reference code)",
+        pretrained=True,
+        features=(LEAD_MEANS, FUSED_MEAN),
+        objective="reference",
+        options=_VAE_OPTIONS,
+    ),
+    "mvae": ModelSpec(
+        _build_mvae,
+        "MVAE",
+        pretrained=True,
+        features=(LEAD_MEANS, FUSED_MEAN),
+        objective="elbo",
+        options=("use_prior", *_VAE_OPTIONS),
+    ),
+    "mopoe": ModelSpec(
+        _build_mopoe,
+        "MoPoE-VAE",
+        pretrained=True,
+        features=(LEAD_MEANS, FUSED_MEAN),
+        objective="elbo",
+        options=("use_prior", *_VAE_OPTIONS),
+    ),
+    "mmvae": ModelSpec(
+        _build_mmvae,
+        "MMVAE",
+        pretrained=True,
+        features=(LEAD_MEANS, FUSED_MEAN),
+        objective="elbo",
+        options=_VAE_OPTIONS,
+    ),
+    "betavae": ModelSpec(
+        _build_betavae,
+        "beta-VAE",
+        pretrained=True,
+        features=(FUSED_MEAN,),  # one joint expert: its posterior mean is the only feature
+        objective="elbo",
+        options=_VAE_OPTIONS,
+        multimodal=False,
+    ),
+    "multimodal_cnn": ModelSpec(
+        _build_lsemvae,
+        "Multimodal-CNN",
+        pretrained=False,
+        features=(LEAD_MEANS,),
+        objective=None,
+        options=("no_poe", "no_moe", "no_gate", "conv_impl"),
+        frozen=False,
+    ),
+    "resnet1d": ModelSpec(
+        _supervised(ResNet1d),
+        "ResNet1d",
+        pretrained=False,
+        features=(),
+        objective=None,
+        options=("widths",),
+        multimodal=False,
+    ),
+    "xresnet1d": ModelSpec(
+        _supervised(XResNet1d),
+        "xResNet1d",
+        pretrained=False,
+        features=(),
+        objective=None,
+        options=("widths",),
+        multimodal=False,
+    ),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; the error lists the registered names."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(
+    name: str,
+    lead_names: Sequence[str] = CANONICAL_LEADS,
+    input_dim: int = 5000,
+    latent_dim: int = 256,
+    **options,
+) -> nn.Module:
+    """Build a registered model by name.
+
+    Args:
+        name: a key of :data:`MODELS`.
+        lead_names: the model's leads.
+        input_dim: samples per lead T.
+        latent_dim: latent size D (latent models).
+        **options: builder keyword arguments (``ModelSpec.options`` lists those a configuration may set; the
+            builders also take the model classes' own keyword arguments, e.g. ``gate_hidden_dim``).
+
+    Returns:
+        nn.Module: a MultimodalVAE, or a classifier network for end-to-end models.
+    """
+    return model_spec(name).build(tuple(lead_names), input_dim, latent_dim, **options)
+
+
+def build_from_args(**args) -> nn.Module:
+    """Rebuild a model from a JSON record ``{"name", "lead_names", "input_dim", "latent_dim", **options}``."""
+    args = dict(args)
+    return build_model(args.pop("name"), args.pop("lead_names"), args.pop("input_dim"), args.pop("latent_dim"), **args)

@@ -1,0 +1,217 @@
+"""Pre-training objectives as objects: one ``Objective`` per way of scoring a batch, chosen by name.
+
+A pre-training module (``kale_ext.pipeline.pretrain.PretrainModule``) holds a model and an objective and never
+branches on a mode: it calls ``objective(model, batch, progress)`` and optimises the returned ``loss``. Objectives
+are ``nn.Module`` so that one may own parameters (a learned likelihood scale, say); the training module optimises
+them with the model's.
+
+- :class:`ELBOObjective` (``"elbo"``): the paper's objective (Suvon et al., arXiv 2503.13470, Eqs. 1-2):
+  reconstruction of every present lead + beta x KL of the fused posterior + gamma x the alignment of every expert
+  with the fused mean; beta annealed linearly per optimiser step.
+- :class:`ReferenceObjective` (``"reference"``): the objective of the authors' published code: summed squared error
+  x 1e-3 / batch, KL on the arithmetic mean of the lead encoders' mean and log-variance, alignment = gamma x mean
+  over leads of the MSE between each lead mean and the mean of the lead means, beta = min(epoch / warmup, 1).
+
+Depends on torch alone (like :mod:`kale_ext.predict.losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kale_ext.predict.losses import alignment_loss, gaussian_kl, linear_annealing, multimodal_elbo
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training is, for schedules: optimiser step, epoch and steps per epoch.
+
+    Attributes:
+        step: global optimiser step (0-based).
+        epoch: current epoch (0-based).
+        steps_per_epoch: optimiser steps per epoch (1 when unknown).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    steps_per_epoch: int = 1
+
+
+@dataclass
+class PretrainBatch:
+    """One batch as an objective sees it.
+
+    Attributes:
+        signals: (B, L', T) float signals, channels named by ``leads``.
+        mask: (B, L') bool, True = present.
+        leads: names of the channels of ``signals``.
+        target: (B, L, T) the signals placed in the model's lead slots (zeros where the model has no channel).
+        target_mask: (B, L) bool presence over the model's leads.
+        sample: draw z from the fused posterior (training) or take its mean (validation).
+        forward: the model's forward to call (the model's own, or a compiled view of it).
+    """
+
+    signals: Tensor
+    mask: Tensor
+    leads: tuple[str, ...]
+    target: Tensor
+    target_mask: Tensor
+    sample: bool = True
+    forward: Callable | None = None
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(model, batch, progress) -> dict`` with a scalar ``loss`` and logged terms.
+
+    Subclasses return at least ``loss``, ``recon``, ``kl``, ``align`` (scalar tensors) and ``beta`` (float).
+    """
+
+    def beta(self, progress: TrainingProgress) -> float:
+        """KL weight at ``progress`` (1 unless a subclass anneals it)."""
+        return 1.0
+
+    def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
+        """Loss terms of one batch (implemented by subclasses)."""
+        raise NotImplementedError
+
+
+class ELBOObjective(Objective):
+    """The paper's objective: multimodal ELBO of the fused posterior plus the alignment of the experts.
+
+    Args:
+        beta: final KL weight.
+        beta_warmup_epochs: epochs over which beta rises linearly from 0, per optimiser step (0 = no warm-up).
+        gamma: alignment weight (0 = no alignment).
+        recon_reduction: reconstruction scale passed to :func:`~kale_ext.predict.losses.multimodal_elbo`.
+    """
+
+    def __init__(
+        self, beta: float = 1.0, beta_warmup_epochs: float = 50.0, gamma: float = 1.0, recon_reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        self.beta_max = float(beta)
+        self.beta_warmup_epochs = float(beta_warmup_epochs)
+        self.gamma = float(gamma)
+        self.recon_reduction = recon_reduction
+
+    def beta(self, progress: TrainingProgress) -> float:
+        """beta_max x a linear ramp over ``beta_warmup_epochs`` epochs counted in optimiser steps."""
+        warmup = int(round(self.beta_warmup_epochs * max(progress.steps_per_epoch, 1)))
+        return self.beta_max * linear_annealing(int(progress.step), warmup)
+
+    def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
+        """ELBO terms on the fused posterior that z was drawn from, and the alignment of its experts."""
+        beta = self.beta(progress)
+        run = batch.forward or model
+        out = run(batch.signals, mask=batch.mask, leads=batch.leads, sample=batch.sample)
+        fusion = out.fusion
+        terms = multimodal_elbo(
+            out.recon.float(),
+            batch.target,
+            fusion.mean.float(),
+            fusion.log_var.float(),
+            beta,
+            mask=batch.target_mask,
+            recon_reduction=self.recon_reduction,
+        )
+        if self.gamma > 0:
+            align = alignment_loss(fusion.expert_mean.float(), fusion.mean.float(), fusion.expert_mask, self.gamma)
+        else:
+            align = terms.total.new_zeros(())
+        return {"loss": terms.total + align, "recon": terms.recon, "kl": terms.kl, "align": align, "beta": beta}
+
+
+def reference_alignment(mean: Tensor, mask: Tensor | None = None, gamma: float = 0.1) -> Tensor:
+    """Alignment term of the authors' code: gamma x mean over leads of MSE(mean_i, mean over leads of mean_j).
+
+    Args:
+        mean: (L, B, D) lead posterior means.
+        mask: (L, B) bool, True = present; absent leads are left out of both means.
+        gamma: weight.
+
+    Returns:
+        Scalar.
+    """
+    mean = mean.float()
+    if mask is None:
+        mask = torch.ones(mean.shape[:2], dtype=torch.bool, device=mean.device)
+    w = mask.float().unsqueeze(-1)  # (L, B, 1)
+    centre = (mean * w).sum(0) / w.sum(0).clamp_min(1.0)  # (B, D)
+    sq = ((mean - centre) ** 2).mean(-1)  # (L, B)
+    per_lead = (sq * mask.float()).sum(1) / mask.float().sum(1).clamp_min(1.0)  # (L,)
+    present = mask.any(1)
+    return gamma * per_lead[present].mean() if present.any() else mean.new_zeros(())
+
+
+class ReferenceObjective(Objective):
+    """The authors' published objective, composed from the model's ``encode`` / ``fuse`` / ``decode``.
+
+    Args:
+        beta: final KL weight.
+        beta_warmup_epochs: beta = beta_max x min(epoch / beta_warmup_epochs, 1) (0 = no warm-up).
+        gamma: weight of :func:`reference_alignment` (the authors use 0.1; 0 = off).
+    """
+
+    def __init__(self, beta: float = 1.0, beta_warmup_epochs: float = 50.0, gamma: float = 0.1) -> None:
+        super().__init__()
+        self.beta_max = float(beta)
+        self.beta_warmup_epochs = float(beta_warmup_epochs)
+        self.gamma = float(gamma)
+
+    def beta(self, progress: TrainingProgress) -> float:
+        """beta_max x min(epoch / warm-up epochs, 1): the authors' per-epoch schedule."""
+        if self.beta_warmup_epochs <= 0:
+            return self.beta_max
+        return self.beta_max * min(progress.epoch / self.beta_warmup_epochs, 1.0)
+
+    def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
+        """Summed-error reconstruction, KL of the averaged encoders and the reference alignment."""
+        beta = self.beta(progress)
+        mean, log_var, lead_mask = model.encode(batch.signals, leads=batch.leads, mask=batch.mask)  # (L, B, D)
+        fusion = model.fuse(mean, log_var, lead_mask)
+        z = fusion.mean.float()
+        if batch.sample:
+            z = z + torch.exp(0.5 * fusion.log_var.float()) * torch.randn_like(z)
+        recon = model.decode(z)
+        terms = multimodal_elbo(
+            recon.float(),
+            batch.target,
+            fusion.mean.float(),
+            fusion.log_var.float(),
+            0.0,
+            mask=batch.target_mask,
+            recon_reduction="reference",
+        )
+        w = lead_mask.float().unsqueeze(-1)
+        avg_mean = (mean.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
+        avg_log_var = (log_var.float() * w).sum(0) / w.sum(0).clamp_min(1.0)
+        kl = gaussian_kl(avg_mean, avg_log_var).mean()
+        align = reference_alignment(mean, lead_mask, self.gamma) if self.gamma > 0 else kl.new_zeros(())
+        return {"loss": terms.recon + beta * kl + align, "recon": terms.recon, "kl": kl, "align": align, "beta": beta}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"elbo": ELBOObjective, "reference": ReferenceObjective}
+
+
+def build_objective(name: str, **kwargs) -> Objective:
+    """Instantiate a registered objective by name.
+
+    Args:
+        name: a key of :data:`OBJECTIVES`.
+        **kwargs: the objective's constructor arguments.
+
+    Returns:
+        Objective.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)
+
+
+def objective_names() -> Sequence[str]:
+    """Names of the registered objectives."""
+    return tuple(OBJECTIVES)
