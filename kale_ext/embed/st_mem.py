@@ -24,12 +24,14 @@ Presets (:data:`ST_MEM_PRESETS`, :meth:`STMEM.from_preset`): ``"paper"`` is ViT-
 MLP ratio 4) with a 256-wide, 4-block decoder; ``"small"`` (width 64, 3 blocks, 4 heads; decoder 32 wide, 2 blocks)
 trains on a CPU. Both default to 2250 samples in patches of 75.
 
-Departures from the published model and code, and choices the paper leaves open:
+Departures from the published model and code, and choices the paper leaves open (we did not read the authors'
+code; where this list names their behaviour it is what the paper describes or what the comparison brief reports):
 
 - Absent leads are dropped tokens, not zero signals. A lead that is masked out (``mask`` False) or not given (its
   name not in ``leads``) contributes no token; in a batch whose samples have different lead sets the missing tokens
   are excluded by a key-padding attention mask, so a batch equals its samples run one by one, and a 12-lead model
-  takes any named subset (e.g. the 6 limb leads). The published model is built for one fixed lead layout.
+  takes any named subset (e.g. the 6 limb leads) per sample. The published pipeline feeds one fixed lead layout per
+  run; reported subset handling there (broadcasting one lead, or an error) is not reproduced.
 - Lead embeddings are bound by lead name (``lead_names``), not by channel position: permuting the channels together
   with their names changes nothing. Aliases (``"avl"``, ``"LEAD_V1"``) are mapped to canonical names.
 - The decoder also adds a learned lead embedding (and its own positional embedding) to each lead's tokens, so that
@@ -439,7 +441,7 @@ class STMEM(nn.Module):
         positions = torch.arange(self.n_patches, device=x.device).expand(b, n, -1)
         keep = torch.sort(torch.where(hidden_c, self.n_patches + positions, positions), dim=-1).values[..., :n_keep]
         h = self.decoder_embed(self._encode(x_c, lead_c, present_c, keep))  # (B, n, K + 2, Wd)
-        full = self.mask_token.expand(b, n, self.n_patches + 2, -1).clone()
+        full = self.mask_token.to(h.dtype).expand(b, n, self.n_patches + 2, -1).clone()
         full[:, :, 0] = h[:, :, 0]
         full[:, :, -1] = h[:, :, -1]
         full = full.scatter(2, (keep + 1).unsqueeze(-1).expand(-1, -1, -1, full.shape[-1]), h[:, :, 1:-1])

@@ -38,6 +38,14 @@ def test_forward_masks_each_present_lead_exactly():
     assert len({tuple(r.tolist()) for r in out.patch_mask[0]}) == 12
     assert torch.equal(out.lead_mask, mask) and out.recon.shape == (3, 12, 20, 10)
     assert (out.recon[~mask] == 0).all()
+    x_nan = x.clone()
+    x_nan[~mask] = float("nan")  # placeholders of absent leads never reach the loss or the gradients
+    nan_out = model.train()(x_nan, mask=mask, generator=torch.Generator().manual_seed(0))
+    nan_out.loss.backward()
+    assert torch.equal(nan_out.patch_mask, out.patch_mask) and torch.isfinite(nan_out.loss)
+    torch.testing.assert_close(nan_out.loss, out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
     # eval mode without a generator: repeatable masks
     a, b = model(x, mask=mask), model(x, mask=mask)
     assert torch.equal(a.patch_mask, b.patch_mask) and torch.equal(a.loss, b.loss)
@@ -143,6 +151,19 @@ def test_loss_decreases_on_a_toy():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert end < 0.5 and end < 0.4 * start, losses[::10]
+
+
+def test_runs_under_bf16_autocast():
+    model = _model()
+    x = torch.randn(2, 12, 40)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 6:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(x, mask=mask, generator=torch.Generator().manual_seed(0))
+        feats = model.features(x, mask=mask)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and feats.shape == (2, 16)
+    out.loss.backward()
+    assert model.patch_embed.weight.grad is not None
 
 
 def test_presets_and_arguments():
