@@ -11,12 +11,22 @@ aVL = I - II/2, aVF = II - I/2), so Einthoven's and Goldberger's relations hold 
 projections on vectors with an anterior component. Then each lead gets its own white noise, baseline wander and a
 little powerline hum (``noise=False`` returns the clean projections).
 
-Labels: each subject gets an mPAP (about 30 % at or below 20 mmHg) and a correlated PAWP. A graded, noisy severity
-derived from mPAP shifts the QRS axis rightwards, enlarges and verticalises the P wave (P pulmonale in II, III, aVF),
-adds an anterior right-ventricular lobe (tall R in V1) and turns the T vector posterior (T inversion in V1..V3).
-The anterior (z) components reach only the precordial leads, so 12 leads carry more information than the 6 limb
-leads; subject variability (normal axis spread, amplitudes, electrode placement, noise) keeps every single feature
-from separating the classes.
+Labels: each subject gets an mPAP (about 30 % at or below 20 mmHg) and a correlated PAWP (correlation about 0.65).
+A graded, noisy severity derived from mPAP shifts the QRS axis rightwards, enlarges and verticalises the P wave
+(P pulmonale in II, III, aVF), adds an anterior right-ventricular lobe (tall R in V1) and turns the T vector
+posterior (T inversion in V1..V3). A second, left-atrial P lobe follows the right-atrial one; its amplitude, width
+and delay grow with a noisy left-atrial severity derived from PAWP, so a high PAWP gives a longer, notched P wave in
+II and a deep negative terminal P component in V1 (the "P mitrale" and P-terminal-force signs of left-atrial
+enlargement). The anterior (z) components reach only the precordial leads, so 12 leads carry more information than
+the 6 limb leads; subject variability (normal axis spread, amplitudes, electrode placement, noise) keeps every single
+feature from separating the classes.
+
+The generator writes continuous mPAP and PAWP only; labels come from threshold rules applied to ``haemodynamics.csv``
+by the caller (e.g. :func:`kale_ext.loaddata.ecg_dataset.phenotype_label`), so they are consistent with the
+haemodynamics by construction. With the example thresholds (PH: mPAP > 20 mmHg; post-capillary among PH and elevated
+PAWP: PAWP > 15 mmHg) a 300-subject cohort has roughly 30-38 % non-PH subjects, 39-48 % post-capillary among PH and
+27-36 % elevated PAWP overall (seeds 0..5). The left-atrial lobe's randomness comes from its own per-subject stream,
+so adding it left every other draw (mPAP, ECG parameters, beat timing, noise) of a seed unchanged.
 
 Layout (the record_list.csv layout of MIMIC-IV-ECG, Gow et al., PhysioNet): ``files/pNNNN/pNNNNNNNN/sMMMMMMMM/
 MMMMMMMM.hea/.dat`` with ``record_list.csv`` (``subject_id, study_id, path``), ``haemodynamics.csv``
@@ -84,24 +94,36 @@ def _direction(frontal_deg: float, anterior: float) -> np.ndarray:
 
 
 def draw_haemodynamics(rng: np.random.Generator) -> tuple[float, float]:
-    """Draw one subject's (mPAP, PAWP) in mmHg: ~30 % at or below 20 mmHg mPAP, PAWP correlated with mPAP."""
+    """Draw one subject's (mPAP, PAWP) in mmHg: ~30 % at or below 20 mmHg mPAP, PAWP correlated with mPAP.
+
+    PAWP = 8 + 0.25 (mPAP - 15) + N(0, 4.5^2), clipped to [2, 40]: about 40-50 % of subjects with mPAP > 20 mmHg
+    and about 30 % of all subjects exceed 15 mmHg (the example's post-capillary / elevated-PAWP threshold).
+    """
     if rng.random() < 0.33:
         mpap = float(np.clip(rng.normal(16.0, 2.5), 8.0, 20.0))
     else:
         mpap = float(20.5 + rng.gamma(2.0, 9.0))
-    pawp = float(np.clip(7.0 + 0.22 * (mpap - 15.0) + rng.normal(0.0, 4.0), 2.0, 40.0))
+    pawp = float(np.clip(8.0 + 0.25 * (mpap - 15.0) + rng.normal(0.0, 4.5), 2.0, 40.0))
     return mpap, pawp
 
 
-def draw_subject(rng: np.random.Generator, mpap: float | None = None) -> dict:
+def draw_subject(
+    rng: np.random.Generator,
+    mpap: float | None = None,
+    pawp: float | None = None,
+    atrial_rng: np.random.Generator | None = None,
+) -> dict:
     """Draw the ECG parameters of one subject (heart rate, wave directions and amplitudes, gains, noise levels).
 
     Args:
         rng: the subject's generator.
         mpap: the subject's mPAP (mmHg); ``None`` draws a normal heart (no right-heart signs).
+        pawp: the subject's PAWP (mmHg); ``None`` draws a normal left atrium (no left-atrial signs).
+        atrial_rng: generator of the left-atrial P lobe; ``None`` draws it from ``rng`` after all other parameters.
+            The cohort writers pass a separate per-subject stream so that this lobe leaves the other draws unchanged.
 
     Returns:
-        Dict of parameters consumed by :func:`synthesize_ecg`.
+        Dict of parameters consumed by :func:`synthesize_ecg` (``severity`` from mPAP, ``la_severity`` from PAWP).
     """
     severity = 0.0
     if mpap is not None:
@@ -110,7 +132,7 @@ def draw_subject(rng: np.random.Generator, mpap: float | None = None) -> dict:
     qrs_axis = rng.normal(45.0, 25.0) + 50.0 * s
     p_axis = rng.normal(55.0, 14.0) + 20.0 * s
     t_axis = qrs_axis * 0.5 + rng.normal(22.0, 14.0)
-    return {
+    params = {
         "severity": s,
         "heart_rate": float(np.clip(rng.normal(70.0, 11.0) + 6.0 * s, 45.0, 130.0)),
         "rr_jitter": float(rng.uniform(0.01, 0.05)),
@@ -127,6 +149,22 @@ def draw_subject(rng: np.random.Generator, mpap: float | None = None) -> dict:
         "wander_mv": rng.uniform(0.02, 0.15, size=12),
         "hum_mv": float(rng.uniform(0.0, 0.015)),
     }
+    params.update(_draw_left_atrium(rng if atrial_rng is None else atrial_rng, pawp))
+    return params
+
+
+def _draw_left_atrium(rng: np.random.Generator, pawp: float | None) -> dict:
+    """Left-atrial P lobe: leftward, posterior and a little inferior, later than the right-atrial lobe.
+
+    Its severity grows from 0 at a PAWP of 9 mmHg (a model constant of this generator, not a clinical threshold);
+    at severity 1 (PAWP about 21 mmHg) the lobe is about 0.19 mV, 35 % wider and 20 ms later than in a normal heart.
+    """
+    la = 0.0
+    if pawp is not None:
+        la = float(np.clip((pawp - 9.0) / 12.0, 0.0, 2.0) * rng.lognormal(0.0, 0.35))
+    amp = max(0.0, rng.normal(0.05, 0.015) + 0.14 * la)
+    direction = _direction(rng.normal(35.0, 12.0), rng.normal(-0.9, 0.2))
+    return {"la_severity": la, "pla": (amp, direction, 0.020 * (1.0 + 0.35 * la)), "pla_delay": 0.035 + 0.02 * la}
 
 
 def _precordial_vectors(jitter_deg: np.ndarray) -> np.ndarray:
@@ -159,6 +197,8 @@ def synthesize_ecg(
     beat_gain = 1.0 + 0.05 * np.sin(2 * np.pi * 0.25 * beats + rng.uniform(0, 2 * np.pi))
     # Wave timing relative to the R peak (s); the QT interval shortens with heart rate.
     offsets = {"p": -0.165, "q": -0.028, "r": 0.0, "s": 0.030, "rv": 0.024, "t": 0.20 + 0.12 * np.sqrt(rr)}
+    if "pla" in params:  # parameters drawn before the left-atrial lobe existed have none
+        offsets["pla"] = offsets["p"] + params["pla_delay"]
     dipole = np.zeros((3, n))
     for wave, (amp, direction, width) in ((k, params[k]) for k in offsets):
         if amp == 0.0:
@@ -221,9 +261,19 @@ def write_wfdb_record(
     return header
 
 
-def _subject_rng(seed: int, subject: int) -> np.random.Generator:
+def _subject_rng(seed: int, subject: int, stream: int = 7919) -> np.random.Generator:
     # One stream per subject: subject k is the same whatever the cohort size.
-    return np.random.default_rng([int(seed), int(subject), 7919])
+    return np.random.default_rng([int(seed), int(subject), int(stream)])
+
+
+_ATRIAL_STREAM = 104729  # the left-atrial lobe's own stream, so it leaves the other draws of a seed unchanged
+
+
+def _draw_cohort_subject(seed: int, subject: int) -> tuple[float, float, dict, np.random.Generator]:
+    rng = _subject_rng(seed, subject)
+    mpap, pawp = draw_haemodynamics(rng)
+    params = draw_subject(rng, mpap, pawp, atrial_rng=_subject_rng(seed, subject, _ATRIAL_STREAM))
+    return mpap, pawp, params, rng
 
 
 def generate_cohort_arrays(
@@ -233,15 +283,21 @@ def generate_cohort_arrays(
 
     Returns:
         ``(signals, table)``: (N, 12, T) float64 in canonical lead order (mV) and a DataFrame with
-        ``subject_index, mPAP, PAWP, severity``.
+        ``subject_index, mPAP, PAWP, severity, la_severity``.
     """
     signals, rows = [], []
     for k in range(n_subjects):
-        rng = _subject_rng(seed, k)
-        mpap, pawp = draw_haemodynamics(rng)
-        params = draw_subject(rng, mpap)
+        mpap, pawp, params, rng = _draw_cohort_subject(seed, k)
         signals.append(synthesize_ecg(params, fs, duration_s, rng, noise=noise))
-        rows.append({"subject_index": k, "mPAP": mpap, "PAWP": pawp, "severity": params["severity"]})
+        rows.append(
+            {
+                "subject_index": k,
+                "mPAP": mpap,
+                "PAWP": pawp,
+                "severity": params["severity"],
+                "la_severity": params["la_severity"],
+            }
+        )
     return np.stack(signals), pd.DataFrame(rows)
 
 
@@ -286,9 +342,7 @@ def write_synthetic_cohort(
     lists, haemo = [], []
     study = int(first_study_id)
     for k in range(n_subjects):
-        rng = _subject_rng(seed, k)
-        mpap, pawp = draw_haemodynamics(rng)
-        params = draw_subject(rng, mpap)
+        mpap, pawp, params, rng = _draw_cohort_subject(seed, k)
         subject_id = int(first_subject_id) + k
         haemo.append({"subject_id": subject_id, "mPAP": round(mpap, 1), "PAWP": round(pawp, 1)})
         for _ in range(records_per_subject):

@@ -121,3 +121,69 @@ def test_direct_wfdb_writer_matches_wrsamp(tmp_path):
     a, b = wfdb.rdrecord(str(tmp_path / "a")), wfdb.rdrecord(str(tmp_path / "b"))
     assert a.sig_name == b.sig_name and a.fs == b.fs and a.checksum == b.checksum and a.comments == ["Age: 50"]
     np.testing.assert_array_equal(a.p_signal, b.p_signal)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_three_task_class_proportions_from_csv(tmp_path, seed):
+    """PH, phenotype (among PH) and elevated PAWP each have both classes at >= 20 % in a 300-subject cohort."""
+    from kale_ext.loaddata.ecg_dataset import detection_label, elevated_label, phenotype_label
+
+    cohort = write_synthetic_cohort(tmp_path, n_subjects=300, seed=seed, fs=50.0, duration_s=1.0, noise=False)
+    table = pd.read_csv(cohort.haemodynamics)
+    assert len(table) == 300 and table.notna().all().all()
+    ph = detection_label(table.mPAP, 20.0)
+    pheno = phenotype_label(table.mPAP, table.PAWP, 20.0, 15.0)
+    pawp = elevated_label(table.PAWP, 15.0)
+    # the labels follow the written haemodynamics: phenotype is defined exactly on the PH subjects
+    np.testing.assert_array_equal(np.isnan(pheno), ph == 0)
+    np.testing.assert_array_equal(pheno[ph == 1], pawp[ph == 1])
+    for name, label in (("ph", ph), ("phenotype", pheno[~np.isnan(pheno)]), ("pawp", pawp)):
+        share = label.mean()
+        assert 0.2 <= share <= 0.8, (name, share)
+    assert (~np.isnan(pheno)).sum() >= 150  # enough PH subjects for the phenotype task
+
+
+def _p_terminal_v1(x, fs):
+    """Beat-averaged V1 in the 60-250 ms before each QRS, summed over its second half (negative = P terminal force)."""
+    from scipy.signal import find_peaks
+
+    energy = np.abs(np.diff(x, axis=-1)).sum(0)
+    peaks, _ = find_peaks(energy, distance=int(0.35 * fs), height=0.5 * np.percentile(energy, 98))
+    start, stop = int(0.25 * fs), int(0.06 * fs)
+    v1 = x[CANONICAL_LEADS.index("V1")]
+    template = np.stack([v1[p - start : p - stop] for p in peaks if p > start]).mean(0)
+    template = template - template[0]
+    return template[len(template) // 2 :].sum()
+
+
+def test_ecg_carries_pawp_signal(small_cohort):
+    """Among PH subjects a left-atrial P-wave feature in V1 ranks PAWP, and follows PAWP more than mPAP."""
+    from scipy.stats import spearmanr
+
+    signals, table = small_cohort
+    ph = (table.mPAP > 20).to_numpy()
+    feature = np.array([_p_terminal_v1(x, 200.0) for x in signals[ph]])
+    post = (table.PAWP > 15).to_numpy()[ph]
+    assert roc_auc_score(post, -feature) > 0.75
+    rho_pawp = spearmanr(feature, table.PAWP[ph])[0]
+    rho_mpap = spearmanr(feature, table.mPAP[ph])[0]
+    assert rho_pawp < -0.5 and abs(rho_pawp) > abs(rho_mpap) + 0.2, (rho_pawp, rho_mpap)
+
+
+def test_left_atrial_lobe_grows_with_pawp():
+    """Same subject, same beats and noise: a higher PAWP changes only the P wave, deepening its V1 terminal part."""
+    fs = 250.0
+    ecgs, las = [], []
+    for pawp in (6.0, 14.0, 24.0):
+        rng = np.random.default_rng(5)
+        params = draw_subject(rng, mpap=30.0, pawp=pawp, atrial_rng=np.random.default_rng(6))
+        las.append(params["la_severity"])
+        ecgs.append(synthesize_ecg(params, fs, 4.0, rng, noise=False))
+    assert las[0] == 0.0 < las[1] < las[2]
+    terminal = [_p_terminal_v1(x, fs) for x in ecgs]
+    assert terminal[0] > terminal[1] > terminal[2]
+    diff = np.abs(ecgs[2] - ecgs[0]).max(axis=0)
+    assert diff.max() > 0.08  # a visible change (mV)
+    # the change lives before the QRS: at lead II's R peaks the difference is small
+    r_peaks = np.argsort(ecgs[0][1])[-3:]
+    assert diff[r_peaks].max() < 0.1 * diff.max()
