@@ -104,6 +104,13 @@ _C.MODEL.BASELINE_WIDTHS = []
 # How the small per-lead convolutions run (same maths and state dict): "auto" (block-diagonal dense kernels on CUDA,
 # grouped kernels elsewhere), "conv", "conv2d", "matmul" or "blockdiag" (kale_ext.embed.conv_ops).
 _C.MODEL.CONV_IMPL = "auto"
+# random_encoder: the registry model whose architecture is frozen at its seeded initialisation (no pre-training).
+_C.MODEL.RANDOM_ARCHITECTURE = "lsemvae"
+# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks) or "small" (CPU runs).
+_C.MODEL.STMEM_PRESET = "paper"
+# ST-MEM patch length in samples; 0 = the divisor of DATASET.INPUT_LENGTH giving the published 30 patches per lead
+# most closely (75 at 2250 samples).
+_C.MODEL.STMEM_PATCH_SIZE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training (self-supervised, all leads of DATASET.PRETRAIN_LEADS)
@@ -135,6 +142,11 @@ _C.PRETRAIN.GAMMA = 0.01
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
 # mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
 _C.PRETRAIN.LOSS_MODE = "paper"
+# beta-VAE's capacity-controlled KL (Burgess et al. 2018): weight gamma of |KL - C| and the final capacity C (nats),
+# reached linearly over PRETRAIN.BETA_WARMUP_EPOCHS; see kale_ext.predict.pretext.ecg_capacity_settings.
+_C.PRETRAIN.CAPACITY_GAMMA = 3.0
+# Final capacity C of the beta-VAE (nats).
+_C.PRETRAIN.CAPACITY_MAX = 50.0
 # Share of subjects held out for validation (90:10 in the paper).
 _C.PRETRAIN.VAL_FRACTION = 0.1
 # Resume from <PRETRAIN.DIR>/checkpoints/last.ckpt when present.
@@ -254,6 +266,8 @@ _C.OUTPUT.METHOD_LABEL = ""
 ACCEPTED = {
     "MODEL.NAME": tuple(MODELS),
     "MODEL.CONV_IMPL": CONV_IMPLS,
+    "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
+    "MODEL.STMEM_PRESET": ("paper", "small"),
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "FINETUNE.FEATURES": FEATURE_MODES,

@@ -28,6 +28,9 @@ _OPTION_KEYS = {
     "no_gate": "NO_GATE",
     "use_prior": "USE_PRIOR",
     "conv_impl": "CONV_IMPL",
+    "architecture": "RANDOM_ARCHITECTURE",
+    "preset": "STMEM_PRESET",
+    "patch_size": "STMEM_PATCH_SIZE",
 }
 
 
@@ -111,6 +114,8 @@ class RunLayout:
     def features(self) -> str | None:
         """Fine-tuning feature mode: ``FINETUNE.FEATURES`` when the model offers it, else the model's default."""
         offered = self.spec.features
+        if "architecture" in self.spec.options:  # a random encoder offers its architecture's features
+            offered = MODELS[self.cfg.MODEL.RANDOM_ARCHITECTURE].features
         if not offered:
             return None
         return self.cfg.FINETUNE.FEATURES if self.cfg.FINETUNE.FEATURES in offered else offered[0]
@@ -127,7 +132,10 @@ class RunLayout:
         flags = [f for f in flags if f.replace(" ", "_").lower() in self.spec.options]
         if cfg.PRETRAIN.GAMMA == 0 and self.spec.pretrained:
             flags.append("no alignment")
-        return self.spec.label + (f" ({', '.join(flags)})" if flags else "")
+        label = self.spec.label
+        if "architecture" in self.spec.options:
+            label += f" ({MODELS[cfg.MODEL.RANDOM_ARCHITECTURE].label} architecture)"
+        return label + (f" ({', '.join(flags)})" if flags else "")
 
     def build_args(self, leads: tuple[str, ...]) -> dict:
         """The registry record (``kale_ext.embed.zoo.build_from_args``) of the run's model over ``leads``."""
@@ -136,7 +144,8 @@ class RunLayout:
         if "widths" in self.spec.options and len(cfg.MODEL.BASELINE_WIDTHS):
             options["widths"] = [int(w) for w in cfg.MODEL.BASELINE_WIDTHS]
         # Only non-default values are recorded, so records of earlier runs rebuild the same model.
-        defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto"}
+        defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto",
+                    "patch_size": 0}  # fmt: skip
         options = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
         return {
             "name": cfg.MODEL.NAME,

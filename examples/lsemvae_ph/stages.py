@@ -244,7 +244,10 @@ def make_objective(run: RunLayout):
     """The pre-training objective: the model's registry objective, or the authors' one in reference mode."""
     p = run.cfg.PRETRAIN
     name = "reference" if p.LOSS_MODE == "reference" else run.spec.objective
-    return build_objective(name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA)
+    return build_objective(
+        name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, capacity_gamma=p.CAPACITY_GAMMA,
+        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS,
+    )  # fmt: skip
 
 
 def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
@@ -253,8 +256,8 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
     Returns:
         True on the global rank 0 (or when nothing ran); False on other DDP ranks, which stop after this stage.
     """
-    if not run.spec.pretrained:
-        logger.info("%s has no pre-training", run.cfg.MODEL.NAME)
+    if run.spec.end_to_end:
+        logger.info("%s has no pre-training: it is trained end to end in fine-tuning", run.cfg.MODEL.NAME)
         return True
     if global_rank() == 0:
         explicit = bool(run.cfg.PRETRAIN.DIR)
@@ -263,6 +266,13 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
         ):
             return True
     elif artifacts.is_pretrained(run.pretrain_dir):
+        return True
+    if not run.spec.pretrained:  # a frozen random encoder: its seeded initialisation is "the pre-trained model"
+        if global_rank() == 0:
+            torch.manual_seed(run.cfg.SEED)
+            args = run.build_args(run.pretrain_leads)
+            artifacts.save_model(build_from_args(**args), run.pretrain_dir, args)
+            logger.info("%s: saved the seeded initialisation (no training) in %s", args["name"], run.pretrain_dir)
         return True
     n_max = run.cfg.DATASET.MAX_PRETRAIN_RECORDS
     dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.preprocess)

@@ -25,11 +25,13 @@ from kale_ext.embed.lsemvae import LSEMVAE
 from kale_ext.embed.multimodal_vae import MultimodalVAE
 from kale_ext.embed.resnet1d import ResNet1d, XResNet1d
 from kale_ext.embed.signal_cnn import LeadwiseSignalDecoder, LeadwiseSignalVAEEncoder, SharedLeadDecoder
+from kale_ext.embed.st_mem import STMEM
 from kale_ext.loaddata.leads import CANONICAL_LEADS
 
 # Fine-tuning feature modes a latent model can offer (see kale_ext.predict.heads.LatentFeatureExtractor).
 LEAD_MEANS = "concat_means"
 FUSED_MEAN = "fused_mean"
+POOLED = "pooled"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,36 @@ def _build_betavae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
     return MultimodalVAE(encoder, MeanFusion(), decoder, lead_names, **common)
 
 
+def stmem_patch_size(input_dim: int, target_patches: int = 30) -> int:
+    """The patch length dividing ``input_dim`` whose patch count per lead is closest to ``target_patches``.
+
+    The published ST-MEM cuts 2250 samples (9 s at 250 Hz) into 30 patches of 75; at other rates and lengths the
+    same number of patches per lead is kept (5000 samples -> 25 x 200, 500 -> 25 x 20, 2250 -> 30 x 75).
+    """
+    divisors = [p for p in range(1, input_dim + 1) if input_dim % p == 0 and input_dim // p >= 2]
+    if not divisors:
+        raise ValueError(f"input_dim {input_dim} cannot be cut into at least two patches; use a longer signal")
+    return min(divisors, key=lambda p: (abs(input_dim // p - target_patches), -p))
+
+
+def _build_stmem(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    # latent_dim is not used: ST-MEM's feature width is its preset's transformer width.
+    preset = options.pop("preset", "paper")
+    patch = int(options.pop("patch_size", 0)) or stmem_patch_size(input_dim)
+    options.pop("conv_impl", None)
+    options.pop("generator", None)
+    return STMEM.from_preset(preset, lead_names, input_dim=input_dim, patch_size=patch, **options)
+
+
+def _build_random_encoder(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    architecture = options.pop("architecture", "lsemvae")
+    spec = model_spec(architecture)
+    if not spec.pretrained:
+        raise ValueError(f"random_encoder needs a pre-trainable architecture, got {architecture!r}")
+    # The options of a configuration cover every architecture; the chosen one takes those it accepts.
+    return spec.build(lead_names, input_dim, latent_dim, **{k: v for k, v in options.items() if k in spec.options})
+
+
 def _supervised(cls: type) -> Callable[..., nn.Module]:
     def build(lead_names, input_dim, latent_dim, **options) -> nn.Module:
         return cls(len(lead_names), options.pop("num_classes", 2), **options)
@@ -176,9 +208,26 @@ MODELS: dict[str, ModelSpec] = {
         "beta-VAE",
         pretrained=True,
         features=(FUSED_MEAN,),  # one joint expert: its posterior mean is the only feature
-        objective="elbo",
+        objective="capacity",  # Burgess et al.'s capacity-controlled KL, as the published beta-VAE baseline
         options=_VAE_OPTIONS,
         multimodal=False,
+    ),
+    "stmem": ModelSpec(
+        _build_stmem,
+        "ST-MEM",
+        pretrained=True,
+        features=(POOLED,),
+        objective="masked_patch",
+        options=("preset", "patch_size"),
+        multimodal=False,
+    ),
+    "random_encoder": ModelSpec(
+        _build_random_encoder,
+        "Random encoder",
+        pretrained=False,  # frozen at its (seeded) initialisation: the same head and protocol, no pre-training
+        features=(LEAD_MEANS, FUSED_MEAN, POOLED),
+        objective=None,
+        options=("architecture", "conv_impl", "preset", "patch_size"),
     ),
     "multimodal_cnn": ModelSpec(
         _build_lsemvae,

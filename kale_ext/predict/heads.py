@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-FEATURE_MODES = ("concat_means", "fused_mean")
+FEATURE_MODES = ("concat_means", "fused_mean", "pooled")
 
 
 class ClassificationHead(nn.Module):
@@ -69,7 +69,8 @@ class LatentFeatureExtractor(nn.Module):
         leads: names of the channels of the input, in input order (a subset of ``vae.lead_names``).
         mode: ``"concat_means"``: the posterior means of ``leads`` concatenated in ``leads`` order,
             F = len(leads) * D; a lead marked absent in the mask contributes zeros. ``"fused_mean"``:
-            the fused posterior mean through the lead mask, F = D.
+            the fused posterior mean through the lead mask, F = D. ``"pooled"``: the model's own
+            ``features(x, leads=..., mask=...)`` (e.g. ST-MEM's mean token of the present leads), F = its width.
 
     A model with one joint encoder over all leads (``vae.joint`` True, e.g. the beta-VAE baseline) has a
     single expert: both modes then give its posterior mean, F = D. When the model's ``encode`` accepts a
@@ -101,6 +102,12 @@ class LatentFeatureExtractor(nn.Module):
             persistent=False,
         )
         self.joint = bool(getattr(vae, "joint", False))
+        if mode == "pooled":
+            if not hasattr(vae, "features"):
+                raise ValueError("feature mode 'pooled' needs a model with features(x, leads=..., mask=...)")
+            self._encode_takes_mask = True
+            self.out_features = getattr(vae, "width", None)
+            return
         self._encode_takes_mask = "mask" in inspect.signature(vae.encode).parameters
         latent_dim = getattr(vae, "latent_dim", None)
         per_lead = mode == "concat_means" and not self.joint
@@ -122,6 +129,8 @@ class LatentFeatureExtractor(nn.Module):
             )
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask must be (batch, leads) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if self.mode == "pooled":
+            return self.vae.features(x, leads=self.leads, mask=None if mask is None else mask.bool())
         if mask is not None and self._encode_takes_mask:
             mean, log_var, enc_mask = self.vae.encode(x, leads=self.leads, mask=mask.bool())
         else:

@@ -11,12 +11,15 @@ them with the model's.
 - :class:`ReferenceObjective` (``"reference"``): the objective of the authors' published code: summed squared error
   x 1e-3 / batch, KL on the arithmetic mean of the lead encoders' mean and log-variance, alignment = gamma x mean
   over leads of the MSE between each lead mean and the mean of the lead means, beta = min(epoch / warmup, 1).
+- :class:`MaskedPatchObjective` (``"masked_patch"``): ST-MEM's masked-patch reconstruction.
+- :class:`CapacityObjective` (``"capacity"``): beta-VAE with the capacity-controlled KL of Burgess et al. (2018).
 
 Depends on torch alone (like :mod:`kale_ext.predict.losses`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from kale_ext.predict.losses import alignment_loss, gaussian_kl, linear_annealing, multimodal_elbo
+from kale_ext.predict.pretext import capacity_kl, capacity_schedule
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,69 @@ class ReferenceObjective(Objective):
         return {"loss": terms.recon + beta * kl + align, "recon": terms.recon, "kl": kl, "align": align, "beta": beta}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"elbo": ELBOObjective, "reference": ReferenceObjective}
+class MaskedPatchObjective(Objective):
+    """Masked-patch reconstruction (ST-MEM, Na et al. 2024): the model's own masked, per-patch-normalised MSE.
+
+    The model's ``forward(x, leads=..., mask=...)`` draws the patch mask (ratio per lead, from the global generator
+    in training, which the pre-training loop reseeds per step for exact resume) and returns an output with
+    ``loss``.
+    """
+
+    def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
+        """The masked-patch loss of one batch (absent leads are dropped tokens, never zeros)."""
+        run = batch.forward or model
+        out = run(batch.signals, leads=batch.leads, mask=batch.mask)
+        zero = out.loss.new_zeros(())
+        return {"loss": out.loss, "recon": out.loss.detach(), "kl": zero, "align": zero, "beta": 0.0}
+
+
+class CapacityObjective(Objective):
+    """beta-VAE with controlled capacity (Burgess et al. 2018): recon + gamma x |KL - C|, C rising linearly.
+
+    Args:
+        gamma: weight of the capacity term.
+        c_max: final capacity C in nats.
+        warmup_epochs: epochs over which C rises from 0 to ``c_max`` (per optimiser step).
+        recon_reduction: reconstruction scale (see :func:`~kale_ext.predict.losses.multimodal_elbo`).
+    """
+
+    def __init__(
+        self,
+        capacity_gamma: float = 3.0,
+        c_max: float = 50.0,
+        warmup_epochs: float = 50.0,
+        recon_reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.capacity_gamma = float(capacity_gamma)
+        self.c_max = float(c_max)
+        self.warmup_epochs = float(warmup_epochs)
+        self.recon_reduction = recon_reduction
+
+    def capacity(self, progress: TrainingProgress) -> float:
+        """The capacity C (nats) at ``progress``."""
+        warmup = int(round(self.warmup_epochs * max(progress.steps_per_epoch, 1)))
+        return capacity_schedule(int(progress.step), self.c_max, warmup)
+
+    def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
+        """Reconstruction plus the capacity-controlled KL of the (single, joint) posterior."""
+        run = batch.forward or model
+        out = run(batch.signals, mask=batch.mask, leads=batch.leads, sample=batch.sample)
+        terms = multimodal_elbo(
+            out.recon.float(), batch.target, out.fusion.mean.float(), out.fusion.log_var.float(), 0.0,
+            mask=batch.target_mask, recon_reduction=self.recon_reduction,
+        )  # fmt: skip
+        cap = capacity_kl(terms.kl, self.capacity(progress), self.capacity_gamma)
+        zero = terms.kl.new_zeros(())
+        return {"loss": terms.recon + cap, "recon": terms.recon, "kl": terms.kl, "align": zero, "beta": 0.0}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "elbo": ELBOObjective,
+    "reference": ReferenceObjective,
+    "masked_patch": MaskedPatchObjective,
+    "capacity": CapacityObjective,
+}
 
 
 def build_objective(name: str, **kwargs) -> Objective:
@@ -202,14 +268,19 @@ def build_objective(name: str, **kwargs) -> Objective:
 
     Args:
         name: a key of :data:`OBJECTIVES`.
-        **kwargs: the objective's constructor arguments.
+        **kwargs: constructor arguments; those the objective does not take are left out, so a configuration can
+            hand every objective the same settings (beta, gamma, capacity, ...).
 
     Returns:
         Objective.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    cls = OBJECTIVES[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return cls(**kwargs)
 
 
 def objective_names() -> Sequence[str]:

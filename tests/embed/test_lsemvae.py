@@ -8,12 +8,17 @@ from kale_ext.embed.lsemvae import LSEMVAE
 from kale_ext.embed.multimodal_vae import MultimodalVAE
 from kale_ext.embed.resnet1d import ResNet1d, XResNet1d
 from kale_ext.embed.signal_cnn import LeadwiseSignalDecoder, SharedLeadDecoder
+from kale_ext.embed.st_mem import STMEM
 from kale_ext.embed.zoo import MODELS, build_model
 
 PAPER_PARAMETERS = 256_150_577  # method_spec.md section 1.3 (the authors' architecture)
 T, D = 40, 4
 # Narrow supervised networks keep the CPU step fast; their full widths are tested in test_resnet1d.py.
-TINY = {"resnet1d": {"widths": (8, 8, 16, 16)}, "xresnet1d": {"widths": (4, 4, 8, 8), "stem_channels": (8, 8, 8)}}
+TINY = {
+    "resnet1d": {"widths": (8, 8, 16, 16)},
+    "xresnet1d": {"widths": (4, 4, 8, 8), "stem_channels": (8, 8, 8)},
+    "stmem": {"preset": "small"},
+}
 
 
 def test_paper_configuration_parameter_count():
@@ -32,6 +37,8 @@ def test_paper_configuration_parameter_count():
 def _loss(model, x):
     if isinstance(model, (ResNet1d, XResNet1d)):
         return torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 1]))
+    if isinstance(model, STMEM):
+        return model.pretrain_loss(x, generator=torch.Generator().manual_seed(0))["loss"]
     out = model(x, sample=True, generator=torch.Generator().manual_seed(0))
     recon = (out.recon - x).square().mean()
     kl = 0.5 * (out.fusion.log_var.exp() + out.fusion.mean.square() - 1 - out.fusion.log_var).sum(-1).mean()
