@@ -215,6 +215,7 @@ def test_cpu_batches_stay_valid_while_held(caches):
             np.testing.assert_array_equal(b["signals"].numpy(), signals[b["index"].numpy()])
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_lightning_sets_the_epoch_and_resumes(caches, tmp_path):
     """Lightning finds stream.sampler.set_epoch: every epoch of fit, also after a resume, trains on (seed, epoch)."""
     pl = pytest.importorskip("pytorch_lightning")
@@ -241,7 +242,7 @@ def test_lightning_sets_the_epoch_and_resumes(caches, tmp_path):
             max_epochs=max_epochs,
             accelerator="cpu",
             logger=False,
-            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / f"ckpt{max_epochs}", save_last=True)],
             enable_progress_bar=False,
             enable_model_summary=False,
             use_distributed_sampler=False,
@@ -253,7 +254,7 @@ def test_lightning_sets_the_epoch_and_resumes(caches, tmp_path):
     seen = fit(3)
     for epoch in range(3):
         assert seen[epoch] == epoch_order(N, 4, epoch)[:20].tolist()
-    resumed = fit(5, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # a fresh stream, epochs 3 and 4
+    resumed = fit(5, ckpt_path=str(tmp_path / "ckpt3" / "last.ckpt"))  # a fresh stream, epochs 3 and 4
     assert sorted(resumed) == [3, 4]
     for epoch in (3, 4):
         assert resumed[epoch] == epoch_order(N, 4, epoch)[:20].tolist()
