@@ -207,6 +207,12 @@ class BatchStream:
         self.resident = self._decide_resident(resident, resident_budget)
         self._signals = self._load_resident() if self.resident else None
 
+    def __getstate__(self) -> dict:
+        """State for pickling: the running iteration, ring slots and buffer pool stay behind (rebuilt on demand)."""
+        state = self.__dict__.copy()
+        state.update(_active=None, _slots=None, _pool=None, _scratch=None)
+        return state
+
     # ------------------------------------------------------------------------------------------------------------
     # Epochs and lengths
     # ------------------------------------------------------------------------------------------------------------
@@ -254,6 +260,12 @@ class BatchStream:
 
     def _decide_resident(self, resident: bool | str, budget: int | None) -> bool:
         if resident != "auto":
+            logger.info(
+                "BatchStream: %s mode on %s (%.2f GiB of signals)",
+                "resident" if resident else "streaming",
+                self.device,
+                self.nbytes / 2**30,
+            )
             return bool(resident)
         if budget is None:
             if self.device.type == "cuda":

@@ -1,6 +1,7 @@
 """Tests of kale_ext.loaddata.batch_stream: order, sharding, resume, both modes, dtypes, masks and Lightning epochs."""
 
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -181,6 +182,21 @@ def test_auto_mode_budget_and_unfinished_iteration(caches):
     assert len(full) == len(small) == 5 and list(first) == []
     with pytest.raises(ValueError, match="rank"):
         BatchStream(ds, num_replicas=2, rank=2)
+
+
+def test_pickled_stream_yields_the_same_batches(caches):
+    """A stream survives pickling (e.g. into spawned processes) mid-use and yields the same epoch."""
+    ds = ECGLeadDataset(caches["float16"][0], leads="12L")
+    for resident in (True, False):
+        stream = BatchStream(ds, batch_size=4, seed=9, resident=resident)
+        stream.set_epoch(1)
+        running = iter(stream)
+        first = next(running)
+        copy = pickle.loads(pickle.dumps(stream))
+        assert copy.epoch == 1 and copy.resident is resident
+        batches = list(copy)
+        _same_batches(batches[:1], [first])
+        _same_batches(batches, list(stream))
 
 
 def test_buffer_pool_reuses_only_released_buffers():
