@@ -274,3 +274,48 @@ def test_lightning_sets_the_epoch_and_resumes(caches, tmp_path):
     assert sorted(resumed) == [3, 4]
     for epoch in (3, 4):
         assert resumed[epoch] == epoch_order(N, 4, epoch)[:20].tolist()
+
+
+def _check_against_items(ds, batch_size):
+    for resident in (True, False):
+        stream = BatchStream(ds, batch_size=batch_size, seed=1, drop_last=False, resident=resident)
+        batches = list(stream)
+        assert sorted(np.concatenate([b["index"].numpy() for b in batches]).tolist()) == list(range(len(ds)))
+        for b in batches:
+            assert b["signals"].dtype == torch.float16
+            for x, m, i in zip(b["signals"], b["mask"], b["index"].tolist()):
+                item = ds[i]
+                assert torch.equal(x.float(), item["signals"]) and torch.equal(m, item["mask"])
+
+
+def test_float16_cache_built_by_prepare_ecg_cache(tmp_path):
+    """On a float16 cache written by prepare_ecg_cache (one record lacks V3), batches equal the dataset's items."""
+    from kale_ext.loaddata.synthetic import write_synthetic_cohort
+    from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+    from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+
+    cohort = write_synthetic_cohort(tmp_path / "src", n_subjects=5, seed=2, fs=100.0, duration_s=3.0)
+    last = pd.read_csv(cohort.record_list).path.iloc[-1]
+    hea = tmp_path / "src" / f"{last}.hea"
+    hea.write_text("\n".join(ln.replace(" V3", " resp") for ln in hea.read_text().splitlines()) + "\n")
+    spec = PreprocessSpec(target_fs=100.0, target_length=200)
+    prepare_ecg_cache(
+        cohort.root, tmp_path / "cache", spec=spec, leads="6L", dtype="float16", num_workers=0, progress=False
+    )
+    for leads in ("12L", ["V3", "I", "aVF"]):
+        ds = ECGLeadDataset(tmp_path / "cache", leads=leads)
+        assert ds.signal_dtype == torch.float16
+        _check_against_items(ds, 2)
+    assert not ECGLeadDataset(tmp_path / "cache", leads=["V3"]).masks[-1, 0]
+
+
+def test_real_records_float16_cache(cinc_dir, tmp_path):
+    """Real 12-lead records through a float16 cache: both modes give the dataset's items."""
+    from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+    from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+
+    spec = PreprocessSpec(target_fs=100.0, target_length=1000)
+    prepare_ecg_cache(cinc_dir, tmp_path / "cache", spec=spec, dtype="float16", num_workers=0, progress=False)
+    ds = ECGLeadDataset(tmp_path / "cache", leads="12L")
+    assert len(ds) >= 40
+    _check_against_items(ds, 16)
