@@ -201,6 +201,8 @@ class BatchStream:
         self._slots: list[torch.Tensor] | None = None
         self._pool: _BufferPool | None = None
         self._scratch: torch.Tensor | None = None
+        # Streaming through ring slots copied to the device (accelerators) or straight into recycled batches (CPU).
+        self._ring = self.device.type != "cpu"
         # Masks and positions are small: they live on the device in both modes and are gathered like the signals.
         self._mask = torch.from_numpy(np.ascontiguousarray(dataset.masks[self.indices])).to(self.device)
         self._index = torch.from_numpy(self.indices.copy()).to(self.device)
@@ -383,12 +385,11 @@ class BatchStream:
     def _iter_streaming(
         self, positions: np.ndarray, pos_all: torch.Tensor, bounds: list[tuple[int, int]]
     ) -> Iterator[dict]:
-        on_cpu = self.device.type == "cpu"
-        pinned = self.device.type == "cuda"
+        ring, pinned = self._ring, self.device.type == "cuda"
         n_batches = len(bounds)
         n_slots = self.prefetch
         events: list[torch.cuda.Event | None] = [None] * n_slots
-        if not on_cpu and self._slots is None:
+        if ring and (self._slots is None or len(self._slots) != n_slots):
             shape = (self.batch_size, *self._item_shape)
             self._slots = [torch.empty(shape, dtype=self.cache_dtype, pin_memory=pinned) for _ in range(n_slots)]
         items = [self.indices[positions[a:b]] for a, b in bounds]
@@ -407,7 +408,7 @@ class BatchStream:
         pending: deque[Future | torch.Tensor] = deque()
 
         def submit(k: int) -> None:
-            out = self._cpu_pool().acquire(len(items[k])) if on_cpu else None
+            out = None if ring else self._cpu_pool().acquire(len(items[k]))
             if executor is None:
                 pending.append(fill(k, out))
             else:
@@ -420,11 +421,13 @@ class BatchStream:
                 job = pending.popleft()
                 host = job.result() if isinstance(job, Future) else job
                 del job
-                if on_cpu:
+                if not ring:
                     signals = host
+                elif self.device.type == "cpu":  # ring slots on the CPU (tests of the accelerator path): copy out
+                    signals = host.to(self.dtype, copy=True)
                 else:
                     signals = host.to(self.device, non_blocking=pinned)
-                    if pinned:
+                    if pinned:  # the slot is refilled only once this copy has run
                         event = torch.cuda.Event()
                         event.record()
                         events[k % n_slots] = event
