@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 RESIDENT_FRACTION = 0.5  # share of the free CUDA memory a resident copy may take under resident="auto"
 CPU_RESIDENT_BYTES = 4 * 2**30  # default RAM budget of a resident copy on the CPU under resident="auto"
-LOAD_CHUNK_BYTES = 256 * 2**20  # staging chunk when the resident copy is loaded onto a GPU
+LOAD_CHUNK_BYTES = 128 * 2**20  # chunk read per thread when the resident copy is loaded
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -296,32 +296,52 @@ class BatchStream:
         return fits
 
     def _load_resident(self) -> torch.Tensor:
-        """Copy the selected records once into one (N, L, T) tensor on the device, in the cache dtype."""
+        """Copy the selected records once into one (N, L, T) tensor on the device, in the cache dtype.
+
+        ``num_threads`` threads read chunks of ``LOAD_CHUNK_BYTES`` from the memory map: straight into the tensor on
+        the CPU, else into a ring of staging buffers (pinned on CUDA) copied to the device while the next chunks are
+        read.
+        """
         start = time.perf_counter()
         n = len(self.indices)
-        shape = (n, *self._item_shape)
-        if self.device.type == "cpu":
-            out = torch.empty(shape, dtype=self.cache_dtype)
-            step = max(1, LOAD_CHUNK_BYTES // max(self.nbytes // max(n, 1), 1))
+        step = max(1, LOAD_CHUNK_BYTES // max(self.nbytes // max(n, 1), 1))
+        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+        workers = max(self.num_threads, 1)
+        if not self._ring:
+            out = torch.empty((n, *self._item_shape), dtype=self.cache_dtype)
             out_np = out.numpy()
-            for a in range(0, n, step):
-                self.dataset.read_signals(self.indices[a : a + step], out=out_np[a : a + step])
+
+            def read_into(chunk: tuple[int, int]) -> None:
+                self.dataset.read_signals(self.indices[chunk[0] : chunk[1]], out=out_np[chunk[0] : chunk[1]])
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="BatchStream-load") as executor:
+                list(executor.map(read_into, chunks))
         else:
-            out = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
-            step = max(1, LOAD_CHUNK_BYTES // max(self.nbytes // max(n, 1), 1))
+            out = torch.empty((n, *self._item_shape), dtype=self.cache_dtype, device=self.device)
             pin = self.device.type == "cuda"
-            staging = [torch.empty((step, *self._item_shape), dtype=self.cache_dtype, pin_memory=pin) for _ in (0, 1)]
-            events: list[torch.cuda.Event | None] = [None, None]
-            for k, a in enumerate(range(0, n, step)):
-                b = min(a + step, n)
-                slot = k % 2
+            n_stage = min(workers + 1, len(chunks))
+            shape = (min(step, n), *self._item_shape)
+            staging = [torch.empty(shape, dtype=self.cache_dtype, pin_memory=pin) for _ in range(n_stage)]
+            events: list[torch.cuda.Event | None] = [None] * n_stage
+
+            def read_staged(k: int) -> torch.Tensor:
+                slot = k % n_stage
                 if events[slot] is not None:
-                    events[slot].synchronize()  # the copy out of this staging buffer has finished
-                self.dataset.read_signals(self.indices[a:b], out=staging[slot][: b - a].numpy())
-                out[a:b].copy_(staging[slot][: b - a], non_blocking=pin)
-                if pin:
-                    events[slot] = torch.cuda.Event()
-                    events[slot].record()
+                    events[slot].synchronize()  # the copy out of this staging buffer has run
+                a, b = chunks[k]
+                buf = staging[slot][: b - a]
+                self.dataset.read_signals(self.indices[a:b], out=buf.numpy())
+                return buf
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="BatchStream-load") as executor:
+                pending = deque(executor.submit(read_staged, k) for k in range(n_stage))
+                for k, (a, b) in enumerate(chunks):
+                    out[a:b].copy_(pending.popleft().result(), non_blocking=pin)
+                    if pin:
+                        events[k % n_stage] = torch.cuda.Event()
+                        events[k % n_stage].record()
+                    if k + n_stage < len(chunks):
+                        pending.append(executor.submit(read_staged, k + n_stage))
             if pin:
                 torch.cuda.synchronize(self.device)
         logger.info(
