@@ -151,7 +151,9 @@ class ECGLeadDataset(Dataset):
         indices: optional positions (after the label join) that restrict the dataset, e.g. one CV fold.
 
     Items are dicts: ``signals`` (L, T) float32 tensor, ``mask`` (L,) bool tensor, ``record_id`` (str),
-    ``subject_id`` (str) and, with labels, ``label`` (int64 scalar tensor).
+    ``subject_id`` (str) and, with labels, ``label`` (int64 scalar tensor). Whole batches: ``get_batch`` (float32
+    tensors, used by ``batch_loader``) and ``read_signals`` (the cache dtype, into a caller's buffer; used by
+    ``kale_ext.loaddata.batch_stream.BatchStream``).
 
     Attributes:
         leads: tuple of lead names, in item order.
