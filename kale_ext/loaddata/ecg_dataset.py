@@ -151,7 +151,9 @@ class ECGLeadDataset(Dataset):
         indices: optional positions (after the label join) that restrict the dataset, e.g. one CV fold.
 
     Items are dicts: ``signals`` (L, T) float32 tensor, ``mask`` (L,) bool tensor, ``record_id`` (str),
-    ``subject_id`` (str) and, with labels, ``label`` (int64 scalar tensor).
+    ``subject_id`` (str) and, with labels, ``label`` (int64 scalar tensor). Whole batches: ``get_batch`` (float32
+    tensors, used by ``batch_loader``) and ``read_signals`` (the cache dtype, into a caller's buffer; used by
+    ``kale_ext.loaddata.batch_stream.BatchStream``).
 
     Attributes:
         leads: tuple of lead names, in item order.
@@ -286,16 +288,10 @@ class ECGLeadDataset(Dataset):
             memory, so handing it to the main process costs no extra copy.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        store = self._store()
-        n_leads, length = len(self._lead_idx), store.shape[-1]
-        out = torch.empty((len(idx), n_leads, length), dtype=torch.float32)
+        out = torch.empty((len(idx), len(self._lead_idx), self.num_samples), dtype=torch.float32)
         if get_worker_info() is not None:
             out.share_memory_()
-        out_np = out.numpy()
-        all_leads = n_leads == store.shape[1] and bool(np.all(self._lead_idx == np.arange(n_leads)))
-        rows = self._rows[idx]
-        for j in np.argsort(rows, kind="stable"):  # ascending rows: sequential reads of the memory map
-            out_np[j] = store[rows[j]] if all_leads else store[rows[j]][self._lead_idx]
+        self.read_signals(idx, out=out.numpy())
         batch = {
             "signals": out,
             "mask": torch.from_numpy(self.masks[idx].copy()),
@@ -306,10 +302,55 @@ class ECGLeadDataset(Dataset):
             batch["label"] = torch.from_numpy(self.labels[idx].astype(np.int64))
         return batch
 
+    def read_signals(self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Signals of the selected leads of items ``indices``, read from the memory map in ascending row order.
+
+        Each row lands directly in its place in ``out`` (one copy, no per-item tensors), so the reads are sequential
+        whatever the batch order; a contiguous run of cache leads is read as a slice.
+
+        Args:
+            indices: (n,) positions in this dataset.
+            out: optional (n, L, T) array to fill, e.g. a reused or pinned buffer; a dtype other than the cache's
+                casts on the fly (float16 -> float32 is exact).
+
+        Returns:
+            (n, L, T) array in the cache dtype (``signal_dtype``), or ``out``.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        store = self._store()
+        shape = (len(idx), len(self._lead_idx), store.shape[-1])
+        if out is None:
+            out = np.empty(shape, dtype=store.dtype)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}; pass an array of shape {shape} (items, leads, T)")
+        leads = self._lead_slice()
+        take = leads is None and out.dtype == store.dtype  # np.take fills out in place only without a cast
+        rows = self._rows[idx]
+        for j in np.argsort(rows, kind="stable"):  # ascending rows: sequential reads of the memory map
+            if leads is not None:
+                out[j] = store[rows[j], leads]
+            elif take:
+                np.take(store[rows[j]], self._lead_idx, axis=0, out=out[j], mode="clip")
+            else:
+                out[j] = store[rows[j]][self._lead_idx]
+        return out
+
+    def _lead_slice(self) -> slice | None:
+        """The selected leads as a slice of the cache's leads when they are a contiguous ascending run, else None."""
+        first, n = int(self._lead_idx[0]), len(self._lead_idx)
+        if np.array_equal(self._lead_idx, np.arange(first, first + n)):
+            return slice(first, first + n)
+        return None
+
     @property
     def num_samples(self) -> int:
         """Samples per lead (T)."""
         return int(self._store().shape[-1])
+
+    @property
+    def signal_dtype(self) -> torch.dtype:
+        """Torch dtype of the cache's signals (``torch.float32`` or ``torch.float16``), as ``read_signals`` returns."""
+        return torch.from_numpy(np.empty(0, dtype=self._store().dtype)).dtype
 
 
 def batch_loader(
