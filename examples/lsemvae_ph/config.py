@@ -154,6 +154,11 @@ _C.PRETRAIN.RESUME = True
 # Run the model's forward through torch.compile (GPU speed: ~2x per step with the default block-diagonal
 # convolutions on an H200, see docs/models.md; the first steps pay the compile time; checkpoints are unchanged).
 _C.PRETRAIN.COMPILE = False
+# Batches: "auto" (whole-batch reads from the cache, kale_ext.loaddata.batch_stream.BatchStream, float16 kept float16
+# up to the device; held on the GPU and gathered by index when the cache fits), "stream" or "dataloader" (per item).
+_C.PRETRAIN.LOADER = "auto"
+# Hold the cache on the training device: "auto" (when it fits in half the free memory), "always" or "never".
+_C.PRETRAIN.RESIDENT = "auto"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning (head on frozen encoders, or supervised baselines end to end)
@@ -270,6 +275,8 @@ ACCEPTED = {
     "MODEL.STMEM_PRESET": ("paper", "small"),
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
+    "PRETRAIN.LOADER": ("auto", "stream", "dataloader"),
+    "PRETRAIN.RESIDENT": ("auto", "always", "never"),
     "FINETUNE.FEATURES": FEATURE_MODES,
     "FINETUNE.LOSS": ("focal", "cross_entropy"),
     "FINETUNE.OPTIMIZER": ("adamw", "adam"),

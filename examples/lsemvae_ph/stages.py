@@ -236,7 +236,8 @@ def pretrain_settings(run: RunLayout) -> PretrainSettings:
         val_fraction=p.VAL_FRACTION, seed=run.cfg.SEED, num_workers=run.cfg.DATASET.NUM_WORKERS,
         accelerator=t.ACCELERATOR, devices=t.DEVICES if t.DEVICES != 0 else "auto", num_nodes=t.NUM_NODES,
         strategy=t.STRATEGY, precision=t.PRECISION, log_every_n_steps=t.LOG_EVERY_N_STEPS,
-        progress_bar=t.PROGRESS_BAR, resume=p.RESUME, compile=p.COMPILE,
+        progress_bar=t.PROGRESS_BAR, resume=p.RESUME, compile=p.COMPILE, loader=p.LOADER,
+        resident={"auto": "auto", "always": True, "never": False}[p.RESIDENT],
     )  # fmt: skip
 
 

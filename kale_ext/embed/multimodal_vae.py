@@ -2,13 +2,14 @@
 
 LS-EMVAE (Suvon et al., arXiv 2503.13470) and the multimodal baselines of its Table 2 (MVAE, MoPoE-VAE,
 MMVAE-style averaging, beta-VAE) differ only in the fusion layer and the decoder, so they are configurations of
-:class:`MultimodalVAE` (built by :func:`kale_ext.embed.lsemvae.build_model`).
+:class:`MultimodalVAE` (built by :func:`kale_ext.embed.zoo.build_model`).
 
 Leads are named. ``encode`` takes signals whose channels are named by ``leads`` (any subset of the model's leads,
 any order); leads not given, or masked out, are absent experts: their mean and log-variance are replaced by the
 placeholder N(0, I) values and their mask entry is False, so a model pre-trained on 12 leads encodes a 6-lead ECG
 without retraining and the result does not depend on what the absent channels contained. Only the encoders of
-leads present in at least one sample of the batch are run.
+the channels given are run; which of them are present is decided by the mask alone, on the device (no host
+synchronisation, so a compiled step has no graph break).
 """
 
 from __future__ import annotations
@@ -178,13 +179,6 @@ class MultimodalVAE(nn.Module):
                 full[:, idx] = x
             mean, log_var = self.encoder(full)
             return LeadPosterior(mean, log_var, present.any(dim=1).unsqueeze(0))
-        if masked:
-            # Run only the encoders of leads present somewhere in the batch (a host sync, only on the mask path).
-            run = channel_present.any(dim=0).tolist()
-            if not all(run):
-                keep = [i for i, r in enumerate(run) if r]
-                x = x[:, keep]
-                idx = [idx[i] for i in keep]
         if idx == list(range(num_leads)):
             mean, log_var = self.encoder(x)
         else:

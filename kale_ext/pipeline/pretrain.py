@@ -25,10 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kale_ext.loaddata.batch_stream import BatchStream
 from kale_ext.pipeline.artifacts import save_model
 from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgress
 
 logger = logging.getLogger(__name__)
+
+LOADERS = ("auto", "stream", "dataloader")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,34 +140,62 @@ class _WithIndex(Dataset):
 class ECGPretrainDataModule(pl.LightningDataModule):
     """Training/validation loaders over a lead dataset (e.g. ``ECGLeadDataset`` on a memory-mapped cache).
 
-    Records stream from the dataset item by item (the cache is never loaded whole). The split is 90:10 by subject
-    by default and seeded; the training order is drawn by ``EpochSeededSampler`` for every DDP rank.
+    The split is 90:10 by subject by default and seeded; the training order of every DDP rank is drawn from
+    ``(seed, epoch)`` only. Two loaders give the same orders:
+
+    - ``"stream"`` (:class:`~kale_ext.loaddata.batch_stream.BatchStream`, for datasets with ``read_signals``): whole
+      batches read from the cache (float16 kept float16 up to the device), held on the GPU and gathered by index
+      when the cache fits, else filled into reused pinned buffers by threads. Short last batches are dropped in
+      training (fixed shapes for compiled steps).
+    - ``"dataloader"``: a per-item ``DataLoader`` with ``EpochSeededSampler`` (any map-style dataset).
+    - ``"auto"``: the stream when the dataset supports it.
 
     Args:
         dataset: map-style dataset whose items hold ``signals`` (L, T) and ``mask`` (L,); ``subject_ids`` attribute
             optional (else one subject per record).
         batch_size: per-process batch size.
         val_fraction: share of subjects for validation.
-        seed: split and sampler seed.
-        num_workers: DataLoader workers.
+        seed: split and order seed.
+        num_workers: DataLoader workers (``"dataloader"``) or reading threads (``"stream"``).
+        loader: ``"auto"``, ``"stream"`` or ``"dataloader"``.
+        resident: the stream's residency (``"auto"``, True, False).
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0
+        self,
+        dataset: Dataset,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        loader: str = "auto",
+        resident: bool | str = "auto",
     ):
         super().__init__()
+        if loader not in LOADERS:
+            raise ValueError(f"loader {loader!r} is not accepted; use one of {LOADERS}")
+        self.base = dataset
         self.dataset = _WithIndex(dataset)
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.use_stream = loader == "stream" or (loader == "auto" and hasattr(dataset, "read_signals"))
+        self.resident = resident
         subjects = getattr(dataset, "subject_ids", None)
         if subjects is None:
             subjects = np.arange(len(dataset)).astype(str)
         self.train_idx, self.val_idx = split_by_subject(subjects, val_fraction, seed)
 
-    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
+    def _loader(self, indices: np.ndarray, shuffle: bool):
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        if self.use_stream:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            return BatchStream(
+                self.base, indices, self.batch_size, self.seed, shuffle=shuffle, drop_last=shuffle,
+                num_replicas=world, rank=rank, device=device, resident=self.resident,
+                num_threads=max(self.num_workers, 1),
+            )  # fmt: skip
         sampler = EpochSeededSampler(indices, self.seed, shuffle, world, rank, drop_last=shuffle)
         return DataLoader(
             self.dataset,
@@ -201,6 +232,7 @@ class PretrainModule(pl.LightningModule):
         weight_decay: AdamW weight decay.
         compile: run the model's forward through ``torch.compile`` (the parameters, state dict and checkpoints are
             unchanged; on a GPU this is where the block-diagonal convolutions pay off, see docs/models.md).
+        fused_optimizer: use the fused AdamW kernel when every parameter is on a GPU.
     """
 
     def __init__(
@@ -211,8 +243,10 @@ class PretrainModule(pl.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         compile: bool = False,
+        fused_optimizer: bool = True,
     ):
         super().__init__()
+        self.fused_optimizer = fused_optimizer
         self.model = model
         self.objective = objective
         # A compiled view of the same forward: the module and its parameters stay as they are.
@@ -299,7 +333,9 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the model's and the objective's parameters."""
         params = [*self.model.parameters(), *self.objective.parameters()]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # The fused kernel (one launch for all parameters) where the parameters live on a GPU.
+        fused = self.fused_optimizer and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,6 +389,9 @@ class PretrainSettings:
     progress_bar: bool = True
     resume: bool = True
     compile: bool = False
+    loader: str = "auto"
+    resident: bool | str = "auto"
+    fused_optimizer: bool = True
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -437,11 +476,13 @@ def run_pretraining(
     out_dir.mkdir(parents=True, exist_ok=True)
     leads = tuple(leads or getattr(dataset, "leads", None) or model.lead_names)
     module = PretrainModule(
-        model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile
-    )
+        model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile,
+        fused_optimizer=settings.fused_optimizer,
+    )  # fmt: skip
     data = ECGPretrainDataModule(
-        dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers
-    )
+        dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers, settings.loader,
+        settings.resident,
+    )  # fmt: skip
     ckpt_dir = out_dir / "checkpoints"
     all_callbacks: list[pl.Callback] = [
         ReseedCallback(settings.seed),

@@ -25,8 +25,13 @@ def _model(lead_dropout=0.0, generator=None):
 
 
 def _assert_fusion_equal(a, b):
+    # Equal to float32 rounding: the mask path runs all 12 encoders as one grouped convolution (no host sync to
+    # skip absent ones), the named-subset path runs 6; the kernels may round the same sums differently.
     for name, x, y in zip(a._fields, a, b):
-        assert torch.equal(x, y), name
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y), name
+        else:
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_six_lead_subset_equals_mask_path():
@@ -37,7 +42,7 @@ def test_six_lead_subset_equals_mask_path():
     by_mask = model(x, mask=mask, sample=False)
     by_names = model(x[:, :6], leads=LIMB, sample=False)
     _assert_fusion_equal(by_mask.fusion, by_names.fusion)
-    assert torch.equal(by_mask.recon, by_names.recon)
+    torch.testing.assert_close(by_mask.recon, by_names.recon, atol=1e-6, rtol=1e-5)
     assert torch.equal(by_mask.lead_mask, by_names.lead_mask)
     assert by_names.lead_mask[:, :6].all() and not by_names.lead_mask[:, 6:].any()
     # The subset's experts equal the full model's experts for those leads.
