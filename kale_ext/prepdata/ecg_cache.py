@@ -290,9 +290,18 @@ def _qc_summary(qc: pd.DataFrame) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _report_from_cache(out_dir: Path, meta: dict, elapsed: float = 0.0) -> CacheReport:
-    qc = pd.read_csv(out_dir / "qc.csv", dtype=str, keep_default_na=False)
-    skipped = [(r, why) for r, s, why in qc[["record_id", "status", "reason"]].itertuples(index=False) if s != "ok"]
-    counts, masked = _qc_summary(qc)
+    skipped: list[tuple[str, str]] = []
+    outcome: Counter = Counter()
+    masked_leads: Counter = Counter()
+    chunks = pd.read_csv(out_dir / "qc.csv", dtype=str, keep_default_na=False, chunksize=100_000)
+    for qc in chunks:  # in chunks: only the refused records are kept in memory
+        skipped += [
+            (r, why) for r, s, why in qc[["record_id", "status", "reason"]].itertuples(index=False) if s != "ok"
+        ]
+        part_counts, part_masked = _qc_summary(qc)
+        outcome.update(part_counts)
+        masked_leads.update(part_masked)
+    counts, masked = dict(sorted(outcome.items())), dict(sorted(masked_leads.items()))
     return CacheReport(
         out_dir=out_dir,
         n_input=int(meta["n_input"]),
@@ -347,21 +356,26 @@ def _csv_columns(path: str) -> list[str]:
     return list(pd.read_csv(path, dtype=str, keep_default_na=False, nrows=0).columns)
 
 
-def _concat_csv(sources: Sequence[str], target: Path, columns: list[str]) -> tuple[int, int]:
-    """Write the CSVs one after the other under one header (columns reindexed); returns (rows, rows with ok)."""
-    counts = [0, 0]
+def _concat_csv(
+    sources: Sequence[str], target: Path, columns: list[str], visit: Callable[[pd.DataFrame], None] | None = None
+) -> int:
+    """Write the CSVs one after the other under one header (columns reindexed), one part in memory at a time.
+
+    Returns the number of data rows written; ``visit`` sees each part's table.
+    """
+    rows = [0]
 
     def _write(path: Path) -> None:
         with open(path, "w", encoding="utf-8", newline="") as out:
             for k, src in enumerate(sources):
                 table = pd.read_csv(src, dtype=str, keep_default_na=False).reindex(columns=columns).fillna("")
                 out.write(table.to_csv(index=False, header=k == 0))
-                counts[0] += len(table)
-                if "status" in table.columns:
-                    counts[1] += int((table["status"] == "ok").sum())
+                rows[0] += len(table)
+                if visit is not None:
+                    visit(table)
 
     atomic_write(target, _write, fsync=True)
-    return counts[0], counts[1]
+    return rows[0]
 
 
 def _assemble(
@@ -398,13 +412,19 @@ def _assemble(
     fixed = BASE_COLUMNS + PRESENT_COLUMNS
     index_cols = fixed + sorted(c for c in index_cols if c not in fixed)
     _concat_csv([f"{s}.index.csv" for s in stems], out_dir / "index.csv", index_cols)
-    n_qc, n_ok = _concat_csv([f"{s}.qc.csv" for s in stems], out_dir / "qc.csv", QC_COLUMNS)
-    if n_qc != manifest["n_input"] or n_ok != n_written:
+    outcome: Counter = Counter()
+    masked_leads: Counter = Counter()
+
+    def _count(table: pd.DataFrame) -> None:
+        part_counts, part_masked = _qc_summary(table)
+        outcome.update(part_counts)
+        masked_leads.update(part_masked)
+
+    n_qc = _concat_csv([f"{s}.qc.csv" for s in stems], out_dir / "qc.csv", QC_COLUMNS, _count)
+    if n_qc != manifest["n_input"] or outcome.get("ok", 0) != n_written:
         raise RuntimeError(f"cache {out_dir} is inconsistent ({n_qc} QC rows for {manifest['n_input']} inputs)")
     shutil.copyfile(sources, out_dir / _SOURCES_FILE)
-    qc = pd.read_csv(out_dir / "qc.csv", dtype=str, keep_default_na=False, usecols=["status", "reason", "lead_qc"])
-    counts, masked = _qc_summary(qc)
-    del qc
+    counts, masked = dict(sorted(outcome.items())), dict(sorted(masked_leads.items()))
     meta = {
         "format_version": FORMAT_VERSION,
         "lead_names": list(CANONICAL_LEADS),
