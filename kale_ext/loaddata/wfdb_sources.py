@@ -222,7 +222,7 @@ def list_records(source: str | Path, kind: str = "auto") -> list[RecordRef]:
         refs = _from_table(table, path.parent, use_study=False)
     elif kind == "header_tree":
         refs = []
-        for hea in sorted(iter_headers(path), key=lambda p: p.relative_to(path).as_posix()):
+        for hea in sorted(iter_headers(path), key=lambda p: p.relative_to(path).parts):  # as Path sorting
             rel = hea.relative_to(path).with_suffix("").as_posix()
             refs.append(RecordRef(rel, str(hea.with_suffix("")), rel, rel, {}))
     else:
