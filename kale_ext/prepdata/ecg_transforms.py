@@ -3,10 +3,15 @@
 All transforms take and return numpy arrays of shape (L, T) (leads, samples). The full chain, driven by
 :class:`PreprocessSpec`, is :func:`preprocess_record`:
 
-1. map channels to the 12 canonical lead slots by name (absent leads: mask False, zeros);
-2. quality gates on the raw leads: a required lead missing, all-NaN or flat rejects the record; an optional lead that
-   is all-NaN or flat is marked absent;
-3. linear interpolation of NaN gaps (edges take the nearest valid value);
+1. map channels to the 12 canonical lead slots by name (absent leads: mask False, zeros); an inverted channel
+   (``-aVR``, ``aVR-``) is negated and stored as its lead; channels that name no lead are ignored and noted;
+2. per-lead quality checks on the raw leads (:func:`lead_quality`): all-NaN, too large a NaN fraction or too long
+   a NaN gap, flat, saturated (too many samples at the lead's min/max rail) and implausible amplitude (a gain or
+   unit error). A required lead that fails refuses the record; any other lead that fails is masked (mask False,
+   zeros) and its reason is kept in :attr:`Preprocessed.lead_qc`. With ``mask_bad_leads`` the cache's leads are not
+   all required: a bad or missing one is masked, and the record is refused only when fewer than ``min_good_leads``
+   of them remain (or when a lead of ``required_leads`` fails);
+3. linear interpolation of the remaining NaN gaps (edges take the nearest valid value);
 4. optional derivation of absent limb leads from I and II;
 5. resampling to ``target_fs`` with ``scipy.signal.resample_poly`` (rational approximation of the rate ratio);
 6. cleaning equivalent to neurokit2's ``ecg_clean(method="neurokit")`` used by the reference code: a 0.5 Hz
@@ -29,12 +34,26 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import signal as sps
 
-from kale_ext.loaddata.leads import CANONICAL_LEADS, derive_limb_leads, match_channels, resolve_leads
+from kale_ext.loaddata.leads import CANONICAL_LEADS, derive_limb_leads, map_channels, resolve_leads
 from kale_ext.utils.files import short_hash
 
 logger = logging.getLogger(__name__)
 
-QC_REASONS = ("unreadable", "missing_lead", "all_nan_lead", "flat_lead", "too_short")
+QC_REASONS = (
+    "unreadable",
+    "bad_sampling_rate",
+    "missing_lead",
+    "all_nan_lead",
+    "nan_fraction",
+    "nan_gap",
+    "flat_lead",
+    "saturated_lead",
+    "implausible_amplitude",
+    "too_few_leads",
+    "too_short",
+)
+LEAD_QC_REASONS = ("all_nan_lead", "nan_fraction", "nan_gap", "flat_lead", "saturated_lead", "implausible_amplitude")
+POWERLINE_CHOICES = (50.0, 60.0)
 
 
 class QualityError(Exception):
@@ -60,17 +79,29 @@ class PreprocessSpec:
         crop: ``"start"`` (keep the first samples) or ``"center"``.
         min_length: records with fewer samples (after resampling) are rejected as too short; ``None`` means
             ``target_length`` (no padding). Shorter records that pass are zero-padded at the end.
-        required_leads: leads a record must have (present, not all-NaN, not flat); ``None`` means the leads the
-            cache is built for.
+        required_leads: leads a record must have, passing every per-lead check; ``None`` means the leads the
+            cache is built for (or, with ``mask_bad_leads``, no lead in particular).
         interpolate_nan: linearly interpolate NaN gaps.
-        derive_limb_leads: fill absent III, aVR, aVL, aVF from I and II (off by default).
-        highpass_hz: high-pass cut-off in Hz; ``None`` skips it.
+        derive_limb_leads: fill absent (or bad) III, aVR, aVL, aVF from sound I and II, so a 2- or 4-lead device
+            record is usable for the limb leads (off by default).
+        highpass_hz: high-pass cut-off in Hz; ``None`` or 0 skips it (0 is stored as ``None``).
         highpass_order: Butterworth order of the high-pass.
-        powerline_hz: powerline frequency of the smoothing; ``None`` skips it.
+        powerline_hz: powerline frequency of the smoothing, 50 or 60 Hz; ``None`` or 0 skips it.
         zscore: per-lead z-score.
         flat_threshold_mv: a lead whose peak-to-peak range (mV) is at or below this is flat.
         resample_max_denominator: bound on the denominator of the rational rate ratio.
         zscore_eps: floor of the standard deviation in the z-score.
+        max_nan_fraction: a lead with a larger fraction of NaN samples fails (``nan_fraction``); default 0.2.
+        max_nan_gap_s: a lead with a longer run of NaN samples (seconds) fails (``nan_gap``); default 1.0 s.
+        max_saturated_fraction: a lead with a larger fraction of its samples at its own minimum or maximum (a
+            clipped amplifier rail) fails (``saturated_lead``); default 0.1 (real 10 s records stay below 0.03).
+        min_amplitude_mv: a lead whose peak-to-peak range is below this (but above ``flat_threshold_mv``) has an
+            implausible gain (``implausible_amplitude``); default 0.01 mV.
+        max_amplitude_mv: a lead whose range between its 0.1th and 99.9th percentiles (single spikes ignored) is
+            above this has an implausible gain (``implausible_amplitude``); default 20 mV.
+        mask_bad_leads: mask a bad or missing lead of the cache instead of refusing the record (leads named in
+            ``required_leads`` still refuse it); off by default (every cache lead is required, as before).
+        min_good_leads: with ``mask_bad_leads``, the fewest usable cache leads a record must keep (``too_few_leads``).
     """
 
     target_fs: float = 500.0
@@ -87,10 +118,42 @@ class PreprocessSpec:
     flat_threshold_mv: float = 1e-3
     resample_max_denominator: int = 1000
     zscore_eps: float = 1e-8
+    max_nan_fraction: float = 0.2
+    max_nan_gap_s: float = 1.0
+    max_saturated_fraction: float = 0.1
+    min_amplitude_mv: float = 0.01
+    max_amplitude_mv: float = 20.0
+    mask_bad_leads: bool = False
+    min_good_leads: int = 1
 
     def __post_init__(self):
         if self.crop not in ("start", "center"):
             raise ValueError(f"crop must be 'start' or 'center', got {self.crop!r}")
+        if not self.target_fs > 0 or int(self.target_length) < 1:
+            raise ValueError(
+                f"target_fs must be > 0 and target_length >= 1, got {self.target_fs}, {self.target_length}"
+            )
+        if self.highpass_hz is not None and float(self.highpass_hz) == 0:
+            object.__setattr__(self, "highpass_hz", None)
+        if self.highpass_hz is not None and not 0 < float(self.highpass_hz) < self.target_fs / 2:
+            raise ValueError(
+                f"highpass_hz must be 0 (off) or between 0 and target_fs/2 = {self.target_fs / 2:g} Hz, "
+                f"got {self.highpass_hz}"
+            )
+        if self.powerline_hz is not None and float(self.powerline_hz) == 0:
+            object.__setattr__(self, "powerline_hz", None)
+        if self.powerline_hz is not None and float(self.powerline_hz) not in POWERLINE_CHOICES:
+            raise ValueError(f"powerline_hz must be 50, 60 or None/0 (off), got {self.powerline_hz}")
+        for name in ("max_nan_fraction", "max_saturated_fraction"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.min_amplitude_mv < self.max_amplitude_mv or self.max_nan_gap_s < 0:
+            raise ValueError(
+                "need 0 <= min_amplitude_mv < max_amplitude_mv and max_nan_gap_s >= 0, got "
+                f"{self.min_amplitude_mv}, {self.max_amplitude_mv}, {self.max_nan_gap_s}"
+            )
+        if int(self.min_good_leads) < 1:
+            raise ValueError(f"min_good_leads must be >= 1, got {self.min_good_leads}")
         if self.required_leads is not None:
             object.__setattr__(self, "required_leads", resolve_leads(self.required_leads))
 
@@ -230,10 +293,102 @@ class Preprocessed(NamedTuple):
     Attributes:
         signals: (12, target_length) float64 in canonical lead order; absent leads are zeros.
         mask: (12,) bool, True = lead present.
+        lead_qc: lead name -> ``"reason: detail"`` for every recorded lead that failed a per-lead check and was
+            masked (or replaced by a derived lead, then noted so).
+        notes: other remarks on the record (inverted channels negated, unrecognised channel names).
     """
 
     signals: np.ndarray
     mask: np.ndarray
+    lead_qc: dict[str, str] = {}
+    notes: tuple[str, ...] = ()
+
+
+def _longest_true_run(flags: np.ndarray) -> int:
+    """Length of the longest run of True in a 1-D bool array."""
+    if not flags.any():
+        return 0
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return int((np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max())
+
+
+def lead_quality(x: np.ndarray, fs: float, spec: PreprocessSpec | None = None) -> list[tuple[str, str] | None]:
+    """Per-lead quality checks on raw physical signals.
+
+    Checks, in order (the first failing one is reported): all NaN; NaN fraction above ``max_nan_fraction``; a NaN
+    run longer than ``max_nan_gap_s``; flat (peak-to-peak <= ``flat_threshold_mv``); saturated (fraction of samples
+    at the lead's own minimum or maximum above ``max_saturated_fraction``); implausible amplitude (peak-to-peak below
+    ``min_amplitude_mv``, or 0.1-99.9 percentile range above ``max_amplitude_mv``).
+
+    Args:
+        x: (L, T) raw signals in mV (NaN = missing sample).
+        fs: sampling rate in Hz (for the gap length).
+        spec: thresholds; default :class:`PreprocessSpec`.
+
+    Returns:
+        For each of the L leads, ``None`` when it passes, else ``(reason, detail)`` with ``reason`` in
+        :data:`LEAD_QC_REASONS` and a one-line ``detail`` with the measured value and the limit.
+    """
+    spec = spec or PreprocessSpec()
+    out: list[tuple[str, str] | None] = []
+    n = x.shape[-1]
+    nan = np.isnan(x)
+    for k in range(x.shape[0]):
+        lead, bad = x[k], nan[k]
+        n_nan = int(bad.sum())
+        if n_nan == n:
+            out.append(("all_nan_lead", ""))
+            continue
+        if n_nan:
+            frac = n_nan / n
+            if frac > spec.max_nan_fraction:
+                out.append(("nan_fraction", f"{100 * frac:.2f}% NaN > {100 * spec.max_nan_fraction:g}%"))
+                continue
+            gap = _longest_true_run(bad) / fs
+            if gap > spec.max_nan_gap_s:
+                out.append(("nan_gap", f"{gap:.2f} s NaN gap > {spec.max_nan_gap_s:g} s"))
+                continue
+            lead = lead[~bad]
+        hi, lo = float(lead.max()), float(lead.min())
+        ptp = hi - lo
+        if ptp <= spec.flat_threshold_mv:
+            out.append(("flat_lead", ""))
+            continue
+        tol = 1e-6 * ptp
+        rail = (np.count_nonzero(lead >= hi - tol) + np.count_nonzero(lead <= lo + tol)) / lead.size
+        if rail > spec.max_saturated_fraction:
+            out.append(
+                (
+                    "saturated_lead",
+                    f"{100 * rail:.1f}% of samples at the min/max rail > {100 * spec.max_saturated_fraction:g}%",
+                )
+            )
+            continue
+        if ptp < spec.min_amplitude_mv:
+            out.append(
+                (
+                    "implausible_amplitude",
+                    f"{ptp:.3g} mV peak-to-peak < {spec.min_amplitude_mv:g} mV; check the gain and units",
+                )
+            )
+            continue
+        if ptp > spec.max_amplitude_mv:
+            low, high = np.percentile(lead, [0.1, 99.9])
+            if high - low > spec.max_amplitude_mv:
+                out.append(
+                    (
+                        "implausible_amplitude",
+                        f"{high - low:.3g} mV range > {spec.max_amplitude_mv:g} mV; check the gain and units",
+                    )
+                )
+                continue
+        out.append(None)
+    return out
+
+
+def _qc_text(name: str, problem: tuple[str, str]) -> str:
+    reason, detail = problem
+    return f"{reason}: {name} ({detail})" if detail else f"{reason}: {name}"
 
 
 def preprocess_record(
@@ -248,53 +403,67 @@ def preprocess_record(
     Args:
         signals: (C, T) raw physical signals of the record's channels.
         fs: sampling rate in Hz.
-        channel_names: the C channel names (any spelling and order; mapped by name).
+        channel_names: the C channel names (any spelling and order; mapped by name; ``-aVR`` is negated).
         spec: preprocessing knobs; default :class:`PreprocessSpec`.
-        leads: leads the cache is built for; they are the required leads unless ``spec.required_leads`` is set.
+        leads: leads the cache is built for; they are the required leads unless ``spec.required_leads`` is set or
+            ``spec.mask_bad_leads`` is on.
 
     Returns:
-        :class:`Preprocessed` with (12, target_length) signals and the (12,) presence mask.
+        :class:`Preprocessed` with (12, target_length) signals, the (12,) presence mask and per-lead QC reasons.
 
     Raises:
         QualityError: the record fails a quality gate (reason in :data:`QC_REASONS`).
     """
     spec = spec or PreprocessSpec()
-    required = spec.required_leads if spec.required_leads is not None else resolve_leads(leads)
-    slots = match_channels(list(channel_names))
+    if not (np.isfinite(fs) and fs > 0):
+        raise QualityError("bad_sampling_rate", f"{fs} Hz is not a positive sampling rate; fix the record header")
+    cache_leads = resolve_leads(leads)
+    if spec.required_leads is not None:
+        required = spec.required_leads
+    else:
+        required = () if spec.mask_bad_leads else cache_leads
+    cmap = map_channels(list(channel_names))
+    slots = cmap.slots
+    notes = []
+    inverted = [name for name, sign in cmap.signs.items() if sign < 0]
+    if inverted:
+        notes.append("inverted channels negated: " + ", ".join(inverted))
+    if cmap.unrecognised:
+        notes.append("ignored channels: " + ", ".join(cmap.unrecognised))
+        logger.debug("channels %s name no standard lead; ignored", list(cmap.unrecognised))
+    signals = np.asarray(signals)
     n_leads, n_samples = len(CANONICAL_LEADS), signals.shape[-1]
     raw = np.zeros((n_leads, n_samples), dtype=np.float64)
     mask = np.zeros(n_leads, dtype=bool)
     for k, name in enumerate(CANONICAL_LEADS):
         if name in slots:
             raw[k] = signals[slots[name]]
+            if cmap.signs[name] < 0:
+                raw[k] = -raw[k]
             mask[k] = True
     if n_samples == 0:
         raise QualityError("too_short", "record has no samples")
     present = np.flatnonzero(mask)
-    all_nan = np.zeros(n_leads, dtype=bool)
-    all_nan[present] = np.isnan(raw[present]).all(axis=-1)
-    flat = np.zeros(n_leads, dtype=bool)
-    for k in present:
-        if not all_nan[k]:
-            flat[k] = np.nanmax(raw[k]) - np.nanmin(raw[k]) <= spec.flat_threshold_mv
-    can_derive = spec.derive_limb_leads and all(
-        mask[i] and not all_nan[i] and not flat[i] for i in (0, 1)
-    )  # derivation needs sound I and II
+    problems: dict[int, tuple[str, str]] = {}
+    for k, problem in zip(present, lead_quality(raw[present], fs, spec)):
+        if problem is not None:
+            problems[int(k)] = problem
+    can_derive = spec.derive_limb_leads and all(mask[i] and i not in problems for i in (0, 1))
     derivable = {"III", "aVR", "aVL", "aVF"} if can_derive else set()
     for name in required:
         k = CANONICAL_LEADS.index(name)
-        if name in derivable and (not mask[k] or all_nan[k] or flat[k]):
+        if name in derivable and (not mask[k] or k in problems):
             continue
         if not mask[k]:
             raise QualityError("missing_lead", name)
-        if all_nan[k]:
-            raise QualityError("all_nan_lead", name)
-        if flat[k]:
-            raise QualityError("flat_lead", name)
-    bad = all_nan | flat
-    if bad.any():
-        names = [CANONICAL_LEADS[k] for k in np.flatnonzero(bad)]
-        logger.debug("optional leads %s all-NaN or flat; marked absent", names)
+        if k in problems:
+            reason, detail = problems[k]
+            raise QualityError(reason, f"{name} ({detail})" if detail else name)
+    lead_qc = {CANONICAL_LEADS[k]: _qc_text(CANONICAL_LEADS[k], p) for k, p in sorted(problems.items())}
+    if problems:
+        bad = np.zeros(n_leads, dtype=bool)
+        bad[list(problems)] = True
+        logger.debug("leads %s failed QC; masked", list(lead_qc.values()))
         mask = mask & ~bad
         raw[bad] = 0.0
     if np.isnan(raw).any():
@@ -302,7 +471,20 @@ def preprocess_record(
             raise QualityError("all_nan_lead", "NaN samples and interpolate_nan is off")
         raw = interpolate_nan(raw)
     if spec.derive_limb_leads:
+        before = mask.copy()
         raw, mask = derive_limb_leads(raw, mask)
+        for k in np.flatnonzero(mask & ~before):
+            name = CANONICAL_LEADS[k]
+            if name in lead_qc:
+                lead_qc[name] += "; derived from I and II"
+    if spec.mask_bad_leads:
+        good = [name for name in cache_leads if mask[CANONICAL_LEADS.index(name)]]
+        if len(good) < spec.min_good_leads:
+            failed = "; ".join(lead_qc.values()) or "the others are missing"
+            raise QualityError(
+                "too_few_leads",
+                f"{len(good)} of {len(cache_leads)} leads usable, need {spec.min_good_leads} ({failed})",
+            )
     x = resample(raw, fs, spec.target_fs, spec.resample_max_denominator)
     if x.shape[-1] < spec.effective_min_length:
         raise QualityError("too_short", f"{x.shape[-1]} samples at {spec.target_fs:g} Hz < {spec.effective_min_length}")
@@ -312,4 +494,4 @@ def preprocess_record(
         x = zscore(x, spec.zscore_eps)
     x = crop_or_pad(x, spec.target_length, spec.crop)
     x[~mask] = 0.0
-    return Preprocessed(signals=x, mask=mask)
+    return Preprocessed(signals=x, mask=mask, lead_qc=lead_qc, notes=tuple(notes))

@@ -8,7 +8,9 @@ from kale_ext.loaddata.leads import (
     LEAD_SETS,
     canonical_lead_name,
     derive_limb_leads,
+    map_channels,
     match_channels,
+    parse_lead_name,
     resolve_leads,
     try_canonical_lead_name,
 )
@@ -77,3 +79,40 @@ def test_derive_limb_leads_formulas_and_no_overwrite():
     mask2[1] = False
     y2, m2 = derive_limb_leads(x, mask2)
     np.testing.assert_array_equal(m2, mask2)
+
+
+@pytest.mark.parametrize(
+    "alias, parsed",
+    [
+        ("-aVR", ("aVR", -1)),
+        ("aVR-", ("aVR", -1)),
+        ("-avr", ("aVR", -1)),
+        ("-AVR", ("aVR", -1)),
+        ("\u2212aVR", ("aVR", -1)),
+        (" - lead II ", ("II", -1)),
+        ("+V1", ("V1", 1)),
+        ("aVL", ("aVL", 1)),
+        ("--aVR", None),
+        ("-aVR-", None),
+        ("-resp", None),
+        ("-", None),
+    ],
+)
+def test_signed_lead_names(alias, parsed):
+    assert parse_lead_name(alias) == parsed
+
+
+def test_signed_names_are_never_taken_unsigned():
+    # a plain-name lookup of an inverted channel must not silently give the lead
+    assert try_canonical_lead_name("-aVR") is None
+    with pytest.raises(ValueError, match="inverted"):
+        canonical_lead_name("-aVR")
+
+
+def test_map_channels_carries_signs_and_reports_unknown_names():
+    cmap = map_channels(["I", "-aVR", "ii", "resp", "V9", "aVR", "ii-"])
+    assert cmap.slots == {"I": 0, "aVR": 1, "II": 2}
+    assert cmap.signs == {"I": 1.0, "aVR": -1.0, "II": 1.0}
+    assert cmap.unrecognised == ("resp", "V9")
+    assert cmap.duplicates == ("aVR", "ii-")
+    assert match_channels(["I", "-aVR"]) == {"I": 0, "aVR": 1}

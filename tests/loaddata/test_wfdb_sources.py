@@ -7,7 +7,9 @@ import wfdb
 
 from kale_ext.loaddata.leads import match_channels
 from kale_ext.loaddata.wfdb_sources import (
+    RecordReadError,
     detect_source_kind,
+    header_sampling_rate,
     list_records,
     parse_header_comments,
     read_record,
@@ -97,3 +99,61 @@ def test_real_records_read_by_name_with_small_einthoven_residual(cinc_dir):
         gold = np.sqrt(np.mean((lead["aVF"] - (lead["II"] - lead["I"] / 2)) ** 2)) / scale
         assert gold < 0.05
     assert worst < 0.02
+
+
+def _header_variant(folder, name, record_line):
+    """Copy record r of ``folder`` to ``name`` with another record line (same signal file)."""
+    lines = (folder / "r.hea").read_text().splitlines()
+    (folder / f"{name}.hea").write_text("\n".join([record_line] + lines[1:]) + "\n")
+
+
+@pytest.mark.parametrize(
+    "record_line, reason, words",
+    [
+        ("r 2", "bad_sampling_rate", "no sampling frequency"),
+        ("r 2 0 50", "bad_sampling_rate", "0 Hz is not positive"),
+        ("r 2 -100 50", "bad_sampling_rate", "-100 Hz is not positive"),
+        ("r 2 fast 50", "bad_sampling_rate", "not a number"),
+        ("this is not a header", "unreadable", "is not 'name n_signals fs n_samples'"),
+        ("", "unreadable", "empty (1 bytes)"),
+    ],
+)
+def test_bad_headers_are_refused_with_a_reason(tmp_path, record_line, reason, words):
+    _write(tmp_path, "r", np.zeros((2, 50)), ["I", "II"])
+    _header_variant(tmp_path, "x", record_line)
+    if not record_line:
+        (tmp_path / "x.hea").write_text("\n")
+    with pytest.raises(RecordReadError) as err:
+        read_record(tmp_path / "x")
+    assert err.value.reason == reason and words in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_zero_byte_and_binary_headers_are_refused(tmp_path):
+    (tmp_path / "z.hea").write_bytes(b"")
+    (tmp_path / "g.hea").write_bytes(b"\x00\x01\xff garbage")
+    with pytest.raises(RecordReadError, match="empty"):
+        read_record(tmp_path / "z")
+    with pytest.raises(RecordReadError, match="binary"):
+        read_record(tmp_path / "g")
+    with pytest.raises(RecordReadError, match="no header"):
+        read_record(tmp_path / "missing")
+
+
+def test_listing_follows_symlinks_once_and_reads_upper_case_headers(tmp_path):
+    sig = np.random.default_rng(1).normal(size=(2, 40)) * 0.3
+    real = tmp_path / "real"
+    _write(real / "a", "r1", sig, ["I", "II"])
+    _write(real / "b", "R2", sig, ["I", "II"])
+    (real / "b" / "R2.hea").rename(real / "b" / "R2.HEA")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (real / "a" / "loop").symlink_to(real, target_is_directory=True)  # a loop back to the top
+    assert detect_source_kind(root) == "header_tree"
+    refs = list_records(root)
+    assert [r.record_id for r in refs] == ["linked/a/r1", "linked/b/R2"]
+    raw = read_record(refs[1].path)
+    np.testing.assert_allclose(raw.signals, sig, atol=0.5 / 200 + 1e-9)
+    assert raw.fs == 100 and raw.channel_names == ("I", "II")
+    assert header_sampling_rate(real / "a" / "r1.hea") == 100.0

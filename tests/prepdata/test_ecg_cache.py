@@ -1,6 +1,11 @@
 """Tests of kale_ext.prepdata.ecg_cache: name mapping, resampling, QC, resumption, sharding, CLI and real records."""
 
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +15,9 @@ import wfdb
 from kale_ext.loaddata.leads import CANONICAL_LEADS
 from kale_ext.loaddata.synthetic import ARCHIVE_LEAD_ORDER, generate_cohort_arrays
 from kale_ext.loaddata.wfdb_sources import list_records, read_record
-from kale_ext.prepdata.ecg_cache import main, merge_shards, prepare_ecg_cache
+from kale_ext.prepdata.ecg_cache import cache_matches, main, merge_shards, prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec, preprocess_record
+from kale_ext.utils.files import file_lock
 
 FS = 100.0
 SPEC = PreprocessSpec(target_fs=FS, target_length=300)
@@ -219,3 +225,130 @@ def test_no_record_passing_gives_an_empty_but_complete_cache(tmp_path, ecgs):
     assert rep.n_written == 1 and index[[f"present_{n}" for n in CANONICAL_LEADS]].to_numpy().tolist() == [
         [1] * 6 + [0] * 6
     ]
+
+
+def _qc(cache):
+    return pd.read_csv(cache / "qc.csv", dtype=str, keep_default_na=False).set_index("record_id")
+
+
+def test_header_problems_inverted_and_bad_leads_reach_qc_csv(folder, ecgs, tmp_path, caplog):
+    lines = (folder / "r1.hea").read_text().splitlines()
+    (folder / "r1.hea").write_text("\n".join(["r1 12"] + lines[1:]) + "\n")  # no sampling frequency
+    (folder / "r2.hea").write_bytes(b"")  # zero-byte header
+    x = ecgs[3].copy()
+    x[3] = -x[3]
+    _write(folder, "r3", x, [n if n != "aVR" else "-aVR" for n in CANONICAL_LEADS] + [])
+    x = ecgs[4].copy()
+    x[8] = np.clip(x[8], *np.quantile(x[8], [1 / 3, 2 / 3]))  # saturated V3
+    _write(folder, "r4", x, CANONICAL_LEADS)
+    spec = PreprocessSpec(target_fs=FS, target_length=300, mask_bad_leads=True, min_good_leads=10)
+    with caplog.at_level("INFO", logger="kale_ext.prepdata.ecg_cache"):
+        rep = prepare_ecg_cache(folder, tmp_path / "c", spec=spec, num_workers=0, progress=False)
+    qc = _qc(tmp_path / "c")
+    assert qc.loc["r1", "reason"].startswith("bad_sampling_rate: header r1.hea gives no sampling frequency")
+    assert qc.loc["r2", "reason"] == "unreadable: header r2.hea is empty (0 bytes); re-export the record"
+    assert qc.loc["r3", "status"] == "ok" and qc.loc["r3", "notes"] == "inverted channels negated: aVR"
+    assert qc.loc["r4", "status"] == "ok" and qc.loc["r4", "lead_qc"].startswith("saturated_lead: V3 (6")
+    assert rep.qc_counts == {"bad_sampling_rate": 1, "ok": 6, "unreadable": 1}
+    assert rep.masked_leads == {"saturated_lead": 1} and rep.qc_path == (tmp_path / "c" / "qc.csv").resolve()
+    index = pd.read_csv(tmp_path / "c" / "index.csv").set_index("record_id")
+    assert index.loc["r4", "present_V3"] == 0 and index.loc["r4", "present_V2"] == 1
+    store = np.load(tmp_path / "c" / "signals.npy")
+    clean = preprocess_record(ecgs[3], FS, CANONICAL_LEADS, spec).signals.astype(np.float32)
+    np.testing.assert_allclose(store[list(index.index).index("r3")], clean, atol=2e-2)  # 16-bit rounding only
+    assert f"masked leads: saturated_lead 1; reasons per record in {rep.qc_path}" in caplog.text
+
+
+def test_differently_spelled_path_resumes_and_source_changes_are_named(folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = dict(spec=SPEC, num_workers=0, progress=False, part_size=3)
+    first = prepare_ecg_cache("src", "res", max_parts=1, **kw)
+    assert not first.complete
+    spelled = f"{tmp_path}/./src/"
+    done = prepare_ecg_cache(spelled, tmp_path / "x" / ".." / "res", **kw)
+    assert done.complete and done.n_written == 8
+    assert cache_matches("res", folder, SPEC, "12L") is True
+    r5 = folder / "r5.dat"
+    data = bytearray(r5.read_bytes())
+    data[40] ^= 1
+    r5.write_bytes(bytes(data))
+    os.utime(r5, ns=(r5.stat().st_atime_ns, r5.stat().st_mtime_ns + 10**9))
+    why = cache_matches("res", folder, SPEC, "12L")
+    assert isinstance(why, str) and "1 changed on disk (first: r5)" in why
+    assert "target_length 300 -> 200" in cache_matches("res", folder, PreprocessSpec(target_fs=FS, target_length=200))
+    with pytest.raises(ValueError, match=r"1 changed on disk \(first: r5\).*overwrite=True"):
+        prepare_ecg_cache(folder, "res", **kw)
+    rebuilt = prepare_ecg_cache(folder, "res", overwrite=True, **kw)
+    assert rebuilt.complete and cache_matches("res", folder, SPEC) is True
+    (folder / "r0.hea").rename(folder / "r0.HEA")  # same record, listed through its upper-case header
+    assert cache_matches("res", folder, SPEC) is True
+    _write(folder, "r8", np.zeros((12, 400)) + 0.1, CANONICAL_LEADS)
+    assert "1 added (first: r8)" in cache_matches("res", folder, SPEC)
+    code = main([str(folder), "res", "--workers", "0", "--target-fs", "100", "--target-length", "300",
+                 "--no-progress", "--overwrite", "--part-size", "3"])  # fmt: skip
+    assert code == 0 and cache_matches("res", folder, SPEC) is True
+
+
+def test_free_space_is_checked_before_assembly(folder, tmp_path):
+    kw = dict(spec=SPEC, num_workers=0, progress=False, part_size=3)
+    with pytest.raises(OSError, match=r"not enough free space .*: [\d,]+ bytes needed, 1,000 available") as err:
+        prepare_ecg_cache(folder, tmp_path / "c", free_space=lambda path: 1000, **kw)
+    assert err.value.errno == errno.ENOSPC
+    assert not (tmp_path / "c" / "signals.npy").exists() and len(list((tmp_path / "c" / "parts").glob("*.done"))) == 3
+    rep = prepare_ecg_cache(folder, tmp_path / "c", free_space=lambda path: 10**12, **kw)
+    assert rep.complete and rep.n_written == 8
+
+
+def test_assembly_uses_a_private_temporary_name(folder, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    foreign = out / ".signals.npy.tmp"  # another writer's file with the old fixed name
+    foreign.write_bytes(b"not mine")
+    prepare_ecg_cache(folder, out, spec=SPEC, num_workers=0, progress=False)
+    assert foreign.read_bytes() == b"not mine"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p != foreign) == [".lock"]
+
+
+_BUILD = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+try:
+    rep = prepare_ecg_cache(sys.argv[1], sys.argv[2], spec=PreprocessSpec(target_fs=100.0, target_length=300),
+                            num_workers=0, progress=False, part_size=1, lock_timeout_s=float(sys.argv[3]))
+    print(json.dumps({"n_written": rep.n_written, "elapsed": rep.elapsed_s}))
+except TimeoutError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_two_concurrent_builders_one_waits_nothing_lost(folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "c"
+    with file_lock(out / ".lock"):  # both builders start while the folder is locked, so both must wait
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _BUILD, str(folder), str(out), "120"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(2)
+        ]
+        for proc in procs:
+            while "waiting for the lock" not in (line := proc.stderr.readline()):
+                assert line, "a builder ended without waiting for the lock"
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [json.loads(o)["n_written"] for o, _ in outputs] == [8, 8]
+    # exactly one built the cache; the other found it complete once the lock was free
+    assert sorted("already complete" in e for _, e in outputs) == [False, True]
+    prepare_ecg_cache(folder, tmp_path / "ref", spec=SPEC, num_workers=0, progress=False, part_size=1)
+    _same_cache(tmp_path / "ref", out)
+    with file_lock(out / ".lock"):  # a builder that cannot wait gets the lock file's name
+        proc = subprocess.run(
+            [sys.executable, "-c", _BUILD, str(folder), str(out), "0.2"], capture_output=True, env=env
+        )
+    err = json.loads(proc.stdout)["error"]
+    assert f"holds the lock {out / '.lock'}" in err and f"pid {os.getpid()}" in err

@@ -11,6 +11,7 @@ from kale_ext.prepdata.ecg_transforms import (
     crop_or_pad,
     highpass,
     interpolate_nan,
+    lead_quality,
     powerline_smooth,
     preprocess_record,
     resample,
@@ -149,3 +150,116 @@ def test_powerline_smoothing_equals_filtfilt_moving_average(fs):
     width = int(fs / 50)
     expected = sps.filtfilt(np.ones(width), [float(width)], x, axis=-1, method="pad")
     np.testing.assert_allclose(powerline_smooth(x, fs), expected, atol=1e-10)
+
+
+def test_inverted_channel_is_negated_and_stored_under_its_lead():
+    x = _record()
+    names = list(CANONICAL_LEADS)
+    ref = preprocess_record(x, 100.0, names, SMALL)
+    for spelling in ("-aVR", "aVR-", "-avr", "-AVR"):
+        flipped = x.copy()
+        flipped[3] = -x[3]
+        names[3] = spelling
+        out = preprocess_record(flipped, 100.0, names, SMALL)
+        np.testing.assert_allclose(out.signals, ref.signals, atol=1e-12)
+        assert out.mask.all() and out.notes == ("inverted channels negated: aVR",)
+    out = preprocess_record(np.vstack([x, x[:1]]), 100.0, list(CANONICAL_LEADS) + ["Resp"], SMALL)
+    assert out.notes == ("ignored channels: Resp",)
+
+
+def test_nan_limits_refuse_a_mostly_nan_lead_instead_of_a_ramp():
+    x = _record(n=5000)
+    x[6, 2:] = np.nan  # 99.96% NaN: interpolation would turn it into a constant ramp marked present
+    with pytest.raises(QualityError, match=r"nan_fraction: V1 \(99.96% NaN > 20%\)"):
+        preprocess_record(x, 100.0, CANONICAL_LEADS, SMALL)
+    out = preprocess_record(x, 100.0, CANONICAL_LEADS, SMALL, leads="6L")
+    assert not out.mask[6] and out.mask.sum() == 11 and (out.signals[6] == 0).all()
+    assert out.lead_qc == {"V1": "nan_fraction: V1 (99.96% NaN > 20%)"}
+    y = _record(n=5000)
+    y[7, 1000:1150] = np.nan  # 3% NaN but one 1.5 s gap
+    with pytest.raises(QualityError, match=r"nan_gap: V2 \(1.50 s NaN gap > 1 s\)"):
+        preprocess_record(y, 100.0, CANONICAL_LEADS, SMALL)
+    loose = PreprocessSpec(target_fs=100.0, target_length=300, max_nan_gap_s=2.0)
+    assert preprocess_record(y, 100.0, CANONICAL_LEADS, loose).mask.all()
+    y[7, 1000:1050] = np.nan
+    y[7, 1050:1150] = 0.5  # a short gap is still interpolated
+    assert preprocess_record(y, 100.0, CANONICAL_LEADS, SMALL).mask.all()
+
+
+def test_saturated_and_implausible_gain_leads_are_flagged():
+    x = _record(n=1000)
+    rail = np.quantile(x[8], [1 / 3, 2 / 3])
+    x[8] = np.clip(x[8], *rail)  # two thirds of the samples on a rail
+    x[9] = x[9] * 1e-3  # a uV signal declared as mV: about 0.003 mV peak-to-peak
+    x[10] = x[10] * 1e3  # a V signal declared as mV
+    problems = dict(zip(CANONICAL_LEADS, lead_quality(x, 100.0, SMALL)))
+    assert problems["V3"][0] == "saturated_lead" and problems["V3"][1].startswith("66.")
+    assert problems["V4"][0] == "implausible_amplitude" and "< 0.01 mV" in problems["V4"][1]
+    assert problems["V5"][0] == "implausible_amplitude" and "> 20 mV" in problems["V5"][1]
+    assert all(problems[n] is None for n in CANONICAL_LEADS if n not in ("V3", "V4", "V5"))
+    spike = _record(n=1000)
+    spike[0, 500] = 40.0  # a single artefact spike is no gain error
+    assert lead_quality(spike[:1], 100.0, SMALL) == [None]
+    with pytest.raises(QualityError, match="saturated_lead: V3"):
+        preprocess_record(x, 100.0, CANONICAL_LEADS, SMALL)
+
+
+def test_mask_bad_leads_keeps_the_record_and_required_leads_still_refuse():
+    x = _record()
+    x[7] = 0.3  # flat V2
+    x[8] = np.clip(x[8], *np.quantile(x[8], [0.3, 0.7]))  # saturated V3
+    with pytest.raises(QualityError, match="flat_lead: V2"):
+        preprocess_record(x, 100.0, CANONICAL_LEADS, SMALL)  # default: every cache lead is required
+    spec = PreprocessSpec(target_fs=100.0, target_length=300, mask_bad_leads=True, min_good_leads=8)
+    out = preprocess_record(x, 100.0, CANONICAL_LEADS, spec)
+    assert out.mask.tolist() == [True] * 7 + [False, False] + [True] * 3
+    assert set(out.lead_qc) == {"V2", "V3"} and out.lead_qc["V2"] == "flat_lead: V2"
+    assert out.lead_qc["V3"].startswith("saturated_lead: V3 (")
+    strict = PreprocessSpec(target_fs=100.0, target_length=300, mask_bad_leads=True, required_leads=("I", "V2"))
+    with pytest.raises(QualityError, match="flat_lead: V2"):
+        preprocess_record(x, 100.0, CANONICAL_LEADS, strict)
+    few = PreprocessSpec(target_fs=100.0, target_length=300, mask_bad_leads=True, min_good_leads=11)
+    with pytest.raises(QualityError, match="too_few_leads: 10 of 12 leads usable, need 11"):
+        preprocess_record(x, 100.0, CANONICAL_LEADS, few)
+    # a device record with 4 leads is kept with the limb leads derived, the missing chest leads masked
+    dev = PreprocessSpec(target_fs=100.0, target_length=300, mask_bad_leads=True, derive_limb_leads=True)
+    out = preprocess_record(x[[0, 1, 6, 9]], 100.0, ["I", "II", "V1", "V4"], dev)
+    assert out.mask.tolist() == [True] * 7 + [False, False, True, False, False]
+
+
+def test_powerline_highpass_options_and_fingerprints():
+    x = _record(n=1000, fs=500.0)
+    base = dict(target_fs=500.0, target_length=800)
+    off = PreprocessSpec(**base, highpass_hz=0, powerline_hz=0)
+    assert off.highpass_hz is None and off.powerline_hz is None
+    assert off == PreprocessSpec(**base, highpass_hz=None, powerline_hz=None)
+    raw = preprocess_record(x, 500.0, CANONICAL_LEADS, off).signals
+    np.testing.assert_allclose(raw, zscore(x[:, :800]), atol=1e-12)
+    sixty = PreprocessSpec(**base, powerline_hz=60)
+    np.testing.assert_allclose(
+        preprocess_record(x, 500.0, CANONICAL_LEADS, sixty).signals,
+        zscore(powerline_smooth(highpass(x, 500.0), 500.0, 60.0)[:, :800]),
+        atol=1e-9,
+    )
+    prints = {
+        PreprocessSpec(**kw).fingerprint()
+        for kw in (
+            base,
+            {**base, "powerline_hz": 60},
+            {**base, "powerline_hz": None},
+            {**base, "highpass_hz": 0.67},
+            {**base, "derive_limb_leads": True},
+            {**base, "mask_bad_leads": True},
+            {**base, "max_nan_fraction": 0.5},
+        )
+    }
+    assert len(prints) == 7
+    for bad in ({"powerline_hz": 55}, {"highpass_hz": 300}, {"max_nan_fraction": 1.5}, {"min_good_leads": 0}):
+        with pytest.raises(ValueError):
+            PreprocessSpec(**{**base, **bad})
+
+
+@pytest.mark.parametrize("fs", [0.0, -250.0, float("nan")])
+def test_non_positive_sampling_rate_is_a_quality_error(fs):
+    with pytest.raises(QualityError, match="bad_sampling_rate"):
+        preprocess_record(_record(), fs, CANONICAL_LEADS, SMALL)
