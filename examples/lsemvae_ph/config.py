@@ -53,6 +53,29 @@ _C.DATASET.NUM_WORKERS = 0
 # Worker processes used to build the caches (0 = all cores).
 _C.DATASET.PREPARE_WORKERS = 0
 
+# Preprocessing of every record (kale_ext.prepdata.ecg_transforms.PreprocessSpec); part of every cache's fingerprint.
+_C.DATASET.PREPROCESS = CfgNode()
+# Powerline frequency removed by the smoothing filter: 50 (Europe, Asia), 60 (Americas) or 0 = off.
+_C.DATASET.PREPROCESS.POWERLINE_HZ = 50.0
+# High-pass cut-off (Hz) of the zero-phase baseline filter; 0 = off.
+_C.DATASET.PREPROCESS.HIGHPASS_HZ = 0.5
+# Derive III, aVR, aVL, aVF from I and II when absent (4-lead or 2-lead devices).
+_C.DATASET.PREPROCESS.DERIVE_LIMB_LEADS = False
+# Mask a bad lead (flat, mostly NaN, saturated, implausible amplitude) instead of refusing the whole record.
+_C.DATASET.PREPROCESS.MASK_BAD_LEADS = False
+# With MASK_BAD_LEADS: fewest good leads a record must keep to be used.
+_C.DATASET.PREPROCESS.MIN_GOOD_LEADS = 1
+# Largest share of NaN samples a lead may have (short gaps are interpolated).
+_C.DATASET.PREPROCESS.MAX_NAN_FRACTION = 0.2
+# Longest run of NaN samples (seconds) that may be interpolated.
+_C.DATASET.PREPROCESS.MAX_NAN_GAP_S = 1.0
+# Largest share of samples at the lead's rails (clipping).
+_C.DATASET.PREPROCESS.MAX_SATURATED_FRACTION = 0.1
+# Plausible peak-to-peak amplitude range (mV) after unit conversion; outside it the gain is taken as wrong.
+_C.DATASET.PREPROCESS.MIN_AMPLITUDE_MV = 0.01
+# Upper end of the plausible amplitude range (mV).
+_C.DATASET.PREPROCESS.MAX_AMPLITUDE_MV = 20.0
+
 # The embedded synthetic cohort used when no data paths are configured (not physiology-grade; pipeline checks only).
 _C.DATASET.SYNTHETIC = CfgNode()
 # Folder of the generated WFDB records; empty = <OUTPUT.DIR>/data/synthetic.
@@ -81,6 +104,12 @@ _C.TASK.PAWP_THRESHOLD = 15.0
 _C.TASK.MPAP_COLUMN = "mPAP"
 # PAWP column name.
 _C.TASK.PAWP_COLUMN = "PAWP"
+# Plausible ranges (low, high) in mmHg; values outside (e.g. kPa, 9999 codes) are listed as problems and left out.
+_C.TASK.MPAP_RANGE = [5.0, 100.0]
+# Plausible PAWP range (mmHg).
+_C.TASK.PAWP_RANGE = [1.0, 60.0]
+# Name of the endpoint in every output; empty = from TASK.NAME, or DATASET.LABEL_COLUMN when that is given.
+_C.TASK.LABEL = ""
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
@@ -330,21 +359,98 @@ def validate_cfg(cfg: CfgNode) -> None:
             raise ValueError(
                 f"FINETUNE.THRESHOLD = {threshold!r} is not accepted; use youden, argmax or a number in (0, 1)"
             ) from err
-    positive = {
-        "EVAL.N_SPLITS": 2,
-        "PRETRAIN.EPOCHS": 0,
-        "PRETRAIN.BATCH_SIZE": 1,
-        "FINETUNE.EPOCHS": 1,
-        "FINETUNE.BATCH_SIZE": 1,
-        "MODEL.LATENT_DIM": 1,
-        "DATASET.INPUT_LENGTH": 8,
-        "DATASET.FS": 1,
-    }
-    for key, low in positive.items():
-        if _get(cfg, key) < low:
-            raise ValueError(f"{key} = {_get(cfg, key)} is not accepted; use a value >= {low}")
-    if not 0.0 <= cfg.PRETRAIN.VAL_FRACTION < 1.0:
-        raise ValueError(f"PRETRAIN.VAL_FRACTION = {cfg.PRETRAIN.VAL_FRACTION} is not accepted; use 0 <= value < 1")
+    for key, (low, high, low_open, high_open) in RANGES.items():
+        value = _get(cfg, key)
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            lo = f"{low} {'<' if low_open else '<='} value"
+            hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+            raise ValueError(f"{key} = {value} is not accepted; use {lo}{hi}")
+    if cfg.FINETUNE.THRESHOLD not in ("youden", "argmax") and not 0.0 < float(cfg.FINETUNE.THRESHOLD) < 1.0:
+        raise ValueError(f"FINETUNE.THRESHOLD = {cfg.FINETUNE.THRESHOLD} is not accepted; use a number in (0, 1)")
+    if cfg.FINETUNE.FOCAL_ALPHA >= 0 and not 0.0 <= cfg.FINETUNE.FOCAL_ALPHA <= 1.0:
+        raise ValueError(
+            f"FINETUNE.FOCAL_ALPHA = {cfg.FINETUNE.FOCAL_ALPHA} is not accepted; use a value in [0, 1] (the weight "
+            "of the positive class) or a negative value for the class balance of each fold"
+        )
+    if cfg.DATASET.PREPROCESS.POWERLINE_HZ not in (0, 0.0, 50, 50.0, 60, 60.0):
+        raise ValueError(
+            f"DATASET.PREPROCESS.POWERLINE_HZ = {cfg.DATASET.PREPROCESS.POWERLINE_HZ} is not accepted; use 50, 60 or 0 "
+            "(off)"
+        )
+    if not 0 <= cfg.DATASET.PREPROCESS.HIGHPASS_HZ < cfg.DATASET.FS / 2:
+        raise ValueError(
+            f"DATASET.PREPROCESS.HIGHPASS_HZ = {cfg.DATASET.PREPROCESS.HIGHPASS_HZ} is not accepted; use 0 (off) or "
+            f"a cut-off below half of DATASET.FS ({cfg.DATASET.FS / 2} Hz)"
+        )
+    for key in ("TASK.MPAP_RANGE", "TASK.PAWP_RANGE"):
+        low_high = list(_get(cfg, key))
+        if len(low_high) != 2 or not low_high[0] < low_high[1]:
+            raise ValueError(f"{key} = {low_high} is not accepted; use [low, high] with low < high (mmHg)")
+    strategy = str(cfg.TRAINER.STRATEGY)
+    if strategy not in STRATEGIES and not strategy.startswith(("ddp", "fsdp", "deepspeed")):
+        raise ValueError(f"TRAINER.STRATEGY = {strategy!r} is not accepted; use one of: {', '.join(STRATEGIES)}")
+    precision = str(cfg.TRAINER.PRECISION)
+    if precision not in PRECISIONS:
+        raise ValueError(f"TRAINER.PRECISION = {precision!r} is not accepted; use one of: {', '.join(PRECISIONS)}")
+
+
+# (low, high, low exclusive, high exclusive); high None = no upper bound. Checked before any work starts.
+RANGES = {
+    "SEED": (0, None, False, False),
+    "EVAL.N_SPLITS": (2, None, False, False),
+    "EVAL.N_BOOT": (0, None, False, False),
+    "PRETRAIN.EPOCHS": (0, None, False, False),
+    "PRETRAIN.BATCH_SIZE": (1, None, False, False),
+    "PRETRAIN.LR": (0.0, None, True, False),
+    "PRETRAIN.WEIGHT_DECAY": (0.0, None, False, False),
+    "PRETRAIN.GRAD_CLIP": (0.0, None, False, False),
+    "PRETRAIN.BETA": (0.0, None, False, False),
+    "PRETRAIN.BETA_WARMUP_EPOCHS": (0.0, None, False, False),
+    "PRETRAIN.GAMMA": (0.0, None, False, False),
+    "PRETRAIN.VAL_FRACTION": (0.0, 1.0, False, True),
+    "PRETRAIN.CAPACITY_GAMMA": (0.0, None, False, False),
+    "PRETRAIN.CAPACITY_MAX": (0.0, None, False, False),
+    "FINETUNE.EPOCHS": (1, None, False, False),
+    "FINETUNE.SUPERVISED_EPOCHS": (0, None, False, False),
+    "FINETUNE.BATCH_SIZE": (1, None, False, False),
+    "FINETUNE.LR": (0.0, None, True, False),
+    "FINETUNE.WEIGHT_DECAY": (0.0, None, False, False),
+    "FINETUNE.HIDDEN_DIM": (1, None, False, False),
+    "FINETUNE.DROPOUT": (0.0, 1.0, False, True),
+    "FINETUNE.FOCAL_GAMMA": (0.0, None, False, False),
+    "FINETUNE.FEATURE_BATCH_SIZE": (1, None, False, False),
+    "MODEL.LATENT_DIM": (1, None, False, False),
+    "MODEL.STMEM_PATCH_SIZE": (0, None, False, False),
+    "DATASET.INPUT_LENGTH": (8, None, False, False),
+    "DATASET.FS": (1, None, False, False),
+    "DATASET.MAX_PRETRAIN_RECORDS": (0, None, False, False),
+    "DATASET.NUM_WORKERS": (0, None, False, False),
+    "DATASET.PREPARE_WORKERS": (0, None, False, False),
+    "DATASET.SYNTHETIC.N_SUBJECTS": (0, None, False, False),
+    "DATASET.SYNTHETIC.N_ARCHIVE_SUBJECTS": (0, None, False, False),
+    "DATASET.SYNTHETIC.ARCHIVE_RECORDS_PER_SUBJECT": (1, None, False, False),
+    "DATASET.PREPROCESS.MIN_GOOD_LEADS": (1, 12, False, False),
+    "DATASET.PREPROCESS.MAX_NAN_FRACTION": (0.0, 1.0, False, False),
+    "DATASET.PREPROCESS.MAX_NAN_GAP_S": (0.0, None, False, False),
+    "DATASET.PREPROCESS.MAX_SATURATED_FRACTION": (0.0, 1.0, False, False),
+    "DATASET.PREPROCESS.MIN_AMPLITUDE_MV": (0.0, None, False, False),
+    "DATASET.PREPROCESS.MAX_AMPLITUDE_MV": (0.0, None, True, False),
+    "TASK.MPAP_THRESHOLD": (0.0, None, True, False),
+    "TASK.PAWP_THRESHOLD": (0.0, None, True, False),
+    "TRAINER.NUM_NODES": (1, None, False, False),
+    "TRAINER.DEVICES": (-1, None, False, False),
+    "TRAINER.LOG_EVERY_N_STEPS": (1, None, False, False),
+    "INTERPRET.N_STEPS": (1, None, False, False),
+    "INTERPRET.THRESHOLD": (0.0, 1.0, False, False),
+    "INTERPRET.SUBJECTS": (0, None, False, False),
+    "INTERPRET.SMOOTH_S": (0.0, None, False, False),
+    "INTERPRET.MAX_RECORDS": (0, None, False, False),
+    "INTERPRET.BATCH_SIZE": (1, None, False, False),
+}
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook", "fsdp", "deepspeed")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16")
 
 
 def parse_leads(value: str) -> str | list[str]:

@@ -83,7 +83,21 @@ class RunLayout:
         out = Path(cfg.OUTPUT.DIR)
         leads = resolve_leads(parse_leads(cfg.DATASET.LEADS))
         pretrain_leads = resolve_leads(parse_leads(cfg.DATASET.PRETRAIN_LEADS))
-        spec = PreprocessSpec(target_fs=float(cfg.DATASET.FS), target_length=int(cfg.DATASET.INPUT_LENGTH))
+        pre = cfg.DATASET.PREPROCESS
+        spec = PreprocessSpec(
+            target_fs=float(cfg.DATASET.FS),
+            target_length=int(cfg.DATASET.INPUT_LENGTH),
+            powerline_hz=float(pre.POWERLINE_HZ) or None,
+            highpass_hz=float(pre.HIGHPASS_HZ) or None,
+            derive_limb_leads=bool(pre.DERIVE_LIMB_LEADS),
+            mask_bad_leads=bool(pre.MASK_BAD_LEADS),
+            min_good_leads=int(pre.MIN_GOOD_LEADS),
+            max_nan_fraction=float(pre.MAX_NAN_FRACTION),
+            max_nan_gap_s=float(pre.MAX_NAN_GAP_S),
+            max_saturated_fraction=float(pre.MAX_SATURATED_FRACTION),
+            min_amplitude_mv=float(pre.MIN_AMPLITUDE_MV),
+            max_amplitude_mv=float(pre.MAX_AMPLITUDE_MV),
+        )
         cache_root = Path(cfg.DATASET.CACHE_DIR) if cfg.DATASET.CACHE_DIR else out / "cache"
         fp = spec.fingerprint()
         return cls(
@@ -107,7 +121,11 @@ class RunLayout:
 
     @property
     def task(self) -> str:
-        """Task label written to metrics.json."""
+        """Name of the endpoint in every output: TASK.LABEL, a custom label column's name, or the task's name."""
+        if self.cfg.TASK.LABEL:
+            return self.cfg.TASK.LABEL
+        if self.cfg.DATASET.LABEL_COLUMN:
+            return self.cfg.DATASET.LABEL_COLUMN
         return TASK_NAMES[self.cfg.TASK.NAME]
 
     @property

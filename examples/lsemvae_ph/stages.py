@@ -31,6 +31,7 @@ from kale_ext.evaluate.reports import (
     write_results_table,
 )
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, label_from_threshold
+from kale_ext.loaddata.label_table import match_labels, read_label_table
 from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
 from kale_ext.loaddata.wfdb_sources import list_records
 from kale_ext.pipeline import artifacts
@@ -39,7 +40,7 @@ from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.pipeline.scoring import score_records
 from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
-from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.distributed import global_rank, wait_for
 from kale_ext.utils.files import short_hash
 from kale_ext.utils.stage_marker import FINGERPRINT_FILE, fingerprint_differences, stage_status, write_fingerprint
@@ -157,46 +158,69 @@ def _synthetic_sources(run: RunLayout) -> tuple[Path, Path, Path]:
 
 
 def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...]) -> None:
-    if (out_dir / "spec.json").exists():
-        logger.info("reusing cache %s", out_dir)
-        return
     if global_rank() != 0:
         wait_for(out_dir / "spec.json")
         return
+    match = cache_matches(out_dir, source, run.preprocess, list(leads)) if (out_dir / "spec.json").exists() else False
+    if match is True:
+        logger.info("reusing cache %s (same records and preprocessing)", out_dir)
+        return
+    if match:
+        logger.warning("cache %s was built from other inputs (%s); rebuilding it", out_dir, match)
     workers = run.cfg.DATASET.PREPARE_WORKERS if run.cfg.DATASET.PREPARE_WORKERS > 0 else None
     report = prepare_ecg_cache(
-        source,
-        out_dir,
-        spec=run.preprocess,
-        leads=list(leads),
-        num_workers=workers,
-        progress=run.cfg.TRAINER.PROGRESS_BAR,
-    )
-    logger.info(
-        "cache %s: %d of %d records written, %d skipped", out_dir, report.n_written, report.n_input, report.n_skipped
-    )
+        source, out_dir, spec=run.preprocess, leads=list(leads), num_workers=workers,
+        progress=run.cfg.TRAINER.PROGRESS_BAR, overwrite=bool(match),
+    )  # fmt: skip
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.qc_counts.items()))
+    logger.info("cache %s: %d of %d records written, %d skipped (%s); quality control: %s", out_dir,
+                report.n_written, report.n_input, report.n_skipped, counts, report.qc_path)  # fmt: skip
     if report.n_written == 0:
         raise RuntimeError(f"no record of {source} passed quality control; see {out_dir / 'qc.csv'}")
 
 
 def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
-    """Label table (id column, ``label``) from a ready label column or the task's threshold rule."""
+    """Label table (id column, ``label``) from a ready label column or the task's threshold rule.
+
+    Values are parsed strictly: unparseable cells (``25 mmHg``, ``31,5``) and implausible ones (outside
+    TASK.MPAP_RANGE / PAWP_RANGE, e.g. kPa or 9999) are left out and listed, with their rows, in
+    ``OUTPUT.DIR/label_problems.csv``.
+    """
     cfg, task = run.cfg, run.cfg.TASK
     id_col = cfg.DATASET.LABEL_ID_COLUMN
     if cfg.DATASET.LABEL_COLUMN:
-        table = pd.read_csv(labels_csv, dtype={id_col: str})
-        missing = [c for c in (id_col, cfg.DATASET.LABEL_COLUMN) if c not in table.columns]
-        if missing:
-            raise ValueError(f"{labels_csv} lacks columns {missing}; it has {list(table.columns)}")
+        columns, ranges = [cfg.DATASET.LABEL_COLUMN], {}
+    else:
+        columns = [task.MPAP_COLUMN] + ([task.PAWP_COLUMN] if task.NAME in ("phenotype", "pawp") else [])
+        ranges = {task.MPAP_COLUMN: (*task.MPAP_RANGE, "mmHg"), task.PAWP_COLUMN: (*task.PAWP_RANGE, "mmHg")}
+    report = read_label_table(labels_csv, id_col, columns, {c: r for c, r in ranges.items() if c in columns})
+    problems = pd.DataFrame([p._asdict() if hasattr(p, "_asdict") else vars(p) for p in report.problems])
+    problems.to_csv(run.out / "label_problems.csv", index=False)
+    if report.problems:
+        logger.warning("%s; the cells are left out (listed in %s)", report.summary(5), run.out / "label_problems.csv")
+    table = report.table
+    if cfg.DATASET.LABEL_COLUMN:
         out = table[[id_col, cfg.DATASET.LABEL_COLUMN]].dropna().rename(columns={cfg.DATASET.LABEL_COLUMN: "label"})
-        out["label"] = out["label"].astype(int)
-        return out
+        return out.astype({"label": int}) if out["label"].isin([0, 1]).all() else out
     rules = {
         "ph": ("detection", task.MPAP_COLUMN, task.MPAP_THRESHOLD),
         "phenotype": ("phenotype", [task.MPAP_COLUMN, task.PAWP_COLUMN], [task.MPAP_THRESHOLD, task.PAWP_THRESHOLD]),
         "pawp": ("elevated", task.PAWP_COLUMN, task.PAWP_THRESHOLD),
     }
-    return label_from_threshold(labels_csv, *rules[task.NAME], id_col)
+    return label_from_threshold(table, *rules[task.NAME], id_col)
+
+
+def check_labels(run: RunLayout, table: pd.DataFrame) -> None:
+    """Stop before any training when the labels cannot be used with the fine-tuning records (ids, classes, folds)."""
+    index = pd.read_csv(run.finetune_cache / "index.csv", dtype=str, keep_default_na=False)
+    id_col = run.cfg.DATASET.LABEL_ID_COLUMN
+    if id_col not in index.columns:
+        raise ValueError(f"DATASET.LABEL_ID_COLUMN {id_col!r} is not a column of the records' index "
+                         f"({list(index.columns)}); use subject_id or record_id")  # fmt: skip
+    match = match_labels(table, index[id_col], run.cfg.EVAL.N_SPLITS, id_column=id_col)
+    logger.info("labels: %d of %d record ids matched (%.0f%%), classes %s", match.n_matched, match.n_ids,
+                100 * match.match_rate, match.class_counts)  # fmt: skip
+    match.raise_if_blocking()
 
 
 def stage_prepare(run: RunLayout) -> None:
@@ -219,10 +243,11 @@ def stage_prepare(run: RunLayout) -> None:
     ):
         _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads)
     if global_rank() == 0:
-        table = make_labels(run, labels_csv)
         run.labels.parent.mkdir(parents=True, exist_ok=True)
+        table = make_labels(run, labels_csv)
+        check_labels(run, table)
         table.to_csv(run.labels, index=False)
-        logger.info("labels: %d ids, %d positive (%s)", len(table), int(table["label"].sum()), cfg.TASK.NAME)
+        logger.info("labels: %d ids, %d positive (%s)", len(table), int(table["label"].sum()), run.task)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
