@@ -193,7 +193,7 @@ def test_gate_weights_sum_to_one_and_zero_for_absent():
     gate = ExpertGate(D, M, hidden_dim=8, temperature=0.7)
     with torch.no_grad():
         gate.expert_embedding.normal_()
-    weights = gate(mean, log_var, mask)
+    weights = gate(mean, log_var, mask).weights  # the gate returns a GateOutput; weights as before
     assert weights.shape == (M, B)
     has_any = mask.any(0)
     torch.testing.assert_close(weights.sum(0)[has_any], torch.ones(int(has_any.sum())))
@@ -207,7 +207,7 @@ def test_gate_weights_sum_to_one_and_zero_for_absent():
     drop[present[0]] = True
     mask2 = mask.clone()
     mask2[drop, b] = False
-    w2 = gate(mean, log_var, mask2)
+    w2 = gate(mean, log_var, mask2).weights
     keep = mask2[:, b]
     torch.testing.assert_close(w2[keep, b], weights[keep, b] / weights[keep, b].sum())
 
