@@ -304,6 +304,38 @@ def load_loss(load: Tensor, mask: Tensor | None = None, top_k: int | None = None
     return _cv_squared(total / baseline.clamp_min(1e-12), baseline > 0)
 
 
+def gate_balance_kl(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(uniform || mean gate): a log barrier that keeps every expert's average weight away from 0.
+
+    With ``p_k`` the batch-mean share of expert k (its summed weight over the batch, over the total) and ``u_k``
+    the same share under a uniform gate over the present experts, the loss is ``sum_k u_k log(u_k / p_k)`` over
+    the experts present somewhere in the batch: 0 for a uniform gate, growing like ``-log p_k`` as an expert is
+    starved. Why beside :func:`importance_loss`: CV^2 is bounded (at most K - 1) and its gradient with respect to a
+    starved expert's logits vanishes with the softmax (d w / d logit = w (1 - w)), so once the gate has collapsed
+    onto one expert (as the ELBO drives HiME onto the shared PoE expert) it cannot pull the others back; here the
+    ``1 / p_k`` of the log cancels that factor and the logit-gradient of a starved expert stays of order 1.
+
+    Args:
+        weights: (experts, batch) gate weights.
+        mask: (experts, batch) bool, True = present; None means all present.
+
+    Returns:
+        Scalar float32, >= 0.
+    """
+    weights = weights.float()
+    if mask is None:
+        mask = torch.ones(weights.shape, dtype=torch.bool, device=weights.device)
+    zero = torch.zeros((), device=weights.device)
+    uniform = _uniform_share(mask).sum(dim=1)
+    total = torch.where(mask, weights, zero).sum(dim=1)
+    valid = uniform > 0
+    u = uniform / uniform.sum().clamp_min(1e-12)
+    p = total / total.sum().clamp_min(1e-12)
+    # p is floored so that an expert with exactly zero weight gives a large finite loss, not inf.
+    ratio = torch.where(valid, u / p.clamp_min(1e-12), torch.ones((), device=weights.device))
+    return torch.where(valid, u * ratio.log(), zero).sum()
+
+
 def gate_entropy_floor_loss(weights: Tensor, mask: Tensor | None = None, floor: float = 0.5) -> Tensor:
     """Hinge on the per-sample normalised entropy of the gate: ``mean_b max(0, floor - H_b / log n_b)``.
 
