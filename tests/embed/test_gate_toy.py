@@ -37,7 +37,9 @@ def _batch(shared, own, n, g):
     return x + NOISE * torch.randn(n, len(LEADS), T, generator=g)
 
 
-def _train(recon_reduction="gaussian", w_importance=300.0, w_balance_kl=1000.0, gamma=0.5, seed=0, steps=STEPS):
+def _train(
+    recon_reduction="gaussian", w_importance=300.0, w_balance_kl=1000.0, gamma=0.5, seed=0, steps=STEPS, sigma=NOISE
+):
     """Train with a plain loop; return (mean gate weight per expert, fused KL in nats, MSE) on fresh data."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -52,7 +54,7 @@ def _train(recon_reduction="gaussian", w_importance=300.0, w_balance_kl=1000.0, 
         out = model(x)
         f = out.fusion
         elbo = multimodal_elbo(
-            out.recon, x, f.mean, f.log_var, beta=1.0, recon_reduction=recon_reduction, log_sigma=math.log(NOISE)
+            out.recon, x, f.mean, f.log_var, beta=1.0, recon_reduction=recon_reduction, log_sigma=math.log(sigma)
         )
         loss = elbo.total + alignment_loss(f.expert_mean, f.mean, f.expert_mask, gamma=gamma)
         loss = loss + w_importance * importance_loss(f.weights, f.expert_mask)
