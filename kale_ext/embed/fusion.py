@@ -11,7 +11,8 @@ bounded by :func:`bound_log_var` (the one place where the bound is defined).
 
 Method: the hierarchical modality experts (HiME) of Suvon et al., "Multimodal Lead-Specific Modeling of ECG for
 Low-Cost Pulmonary Hypertension Assessment" (arXiv 2503.13470); product of experts as in Wu and Goodman's MVAE;
-subset products as in Sutter et al.'s MoPoE-VAE; mixture averaging as in Shi et al.'s MMVAE.
+subset products as in Sutter et al.'s MoPoE-VAE; mixture averaging as in Shi et al.'s MMVAE; noisy top-k gating as in
+Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer" (ICLR 2017).
 """
 
 from __future__ import annotations
