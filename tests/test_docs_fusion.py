@@ -23,6 +23,7 @@ def test_docs_fusion_snippet_runs(capsys):
     assert out.weights.shape == (mask.shape[0] + 1, mask.shape[1])
     assert (out.weights[:-1][~mask] == 0).all()
     assert torch.isfinite(namespace["loss"])
+    assert torch.isfinite(namespace["balance"]) and namespace["balance"] >= 0  # the gate balance losses ran
     assert "fused posterior" in capsys.readouterr().out
 
 

@@ -11,7 +11,8 @@ bounded by :func:`bound_log_var` (the one place where the bound is defined).
 
 Method: the hierarchical modality experts (HiME) of Suvon et al., "Multimodal Lead-Specific Modeling of ECG for
 Low-Cost Pulmonary Hypertension Assessment" (arXiv 2503.13470); product of experts as in Wu and Goodman's MVAE;
-subset products as in Sutter et al.'s MoPoE-VAE; mixture averaging as in Shi et al.'s MMVAE.
+subset products as in Sutter et al.'s MoPoE-VAE; mixture averaging as in Shi et al.'s MMVAE; noisy top-k gating as in
+Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer" (ICLR 2017).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,11 @@ class FusionOutput(NamedTuple):
         expert_mean: (K, batch, latent) means of the listed experts.
         expert_log_var: (K, batch, latent) log-variances of the listed experts.
         expert_mask: (K, batch) True where the listed expert is present (takes part in the fusion).
+        gate_logits: (K, batch) the gate's logits (:attr:`GateOutput.logits`, 0 for absent experts) when the
+            weights come from a gating network, else None.
+        gate_load: (K, batch) the gate's per-sample load (:attr:`GateOutput.load`), the input of
+            :func:`kale_ext.predict.losses.load_loss`, when the weights come from a gating network, else None.
+            ``weights`` and ``expert_mask`` are the inputs of :func:`kale_ext.predict.losses.importance_loss`.
     """
 
     mean: Tensor
@@ -135,6 +142,8 @@ class FusionOutput(NamedTuple):
     expert_mean: Tensor
     expert_log_var: Tensor
     expert_mask: Tensor
+    gate_logits: Tensor | None = None
+    gate_load: Tensor | None = None
 
 
 class ProductOfExperts(nn.Module):
@@ -238,32 +247,98 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = 0) -> Tensor:
     return torch.softmax(filled, dim=dim) * any_present
 
 
+class GateOutput(NamedTuple):
+    """What a gate returns: the mixture weights and what the balance losses need.
+
+    Attributes:
+        weights: (experts, batch) float32, sum to 1 over the present experts of each sample (over the selected ones
+            under top-k), exactly 0 for absent (and unselected) experts; all zero where nothing is present.
+        logits: (experts, batch) float32, the logits the softmax was taken of (noisy in training when the gate is
+            noisy), 0 for absent experts.
+        load: (experts, batch) float32, each expert's load in each sample: under top-k the smooth probability that
+            it is selected (Shazeer et al.'s estimator), under dense gating its weight (see :class:`ExpertGate`);
+            0 for absent experts.
+    """
+
+    weights: Tensor
+    logits: Tensor
+    load: Tensor
+
+
+def _normal_cdf(x: Tensor) -> Tensor:
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _top_k_select(logits: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k present experts of each sample and the thresholds of Shazeer et al.'s load estimator.
+
+    Args:
+        logits: (K, B) float32 logits (noisy in training).
+        mask: (K, B) bool presence.
+        k: number of experts to keep, 1 <= k < K.
+
+    Returns:
+        selected (K, B) bool; threshold (K, B), for each expert the k-th largest logit of the *other* present
+        experts (what it must beat to be selected), and has_threshold (K, B) bool, False where fewer than k other
+        experts are present (the expert is then selected whatever its logit).
+    """
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    filled = torch.where(mask, logits, neg_inf)
+    top = torch.topk(filled, k + 1, dim=0).values  # (k+1, B), descending; -inf where too few present
+    kth, next_one = top[k - 1 : k], top[k : k + 1]
+    selected = mask & (filled >= kth)
+    # Excluding expert i: if i is among the top k, the k-th largest of the others is the (k+1)-th overall.
+    threshold = torch.where(selected, next_one, kth)
+    has_threshold = torch.isfinite(threshold)
+    threshold = torch.where(has_threshold, threshold, torch.zeros((), device=logits.device))
+    return selected, threshold, has_threshold
+
+
 class ExpertGate(nn.Module):
-    """Per-sample gate over Gaussian experts, computed from the experts' own parameters.
+    """Per-sample gate over Gaussian experts, computed from the experts' own parameters (Shazeer et al. 2017 style).
 
-    Design (the paper only cites Shazeer et al. 2017, so this is ours): each expert k is scored by a small MLP that
-    is shared across experts and reads that expert's ``[mu_k, log sigma_k^2]`` (so the gate sees both where an expert
-    puts the sample and how confident it is), plus a learned embedding of the expert's identity added to the hidden
-    layer (so experts can be told apart and given different priors)::
+    Scores. Each expert k is scored by a small MLP that is shared across experts and reads that expert's
+    ``[mu_k, log sigma_k^2]`` (where the expert puts the sample and how confident it is), plus a learned embedding
+    of the expert's identity added to the hidden layer (so experts can be told apart and given different priors)::
 
-        h_k = act(W_in [mu_k, log sigma_k^2] + e_k),   s_k = (w_out . h_k + b) / temperature
+        h_k = act(W_in [mu_k, log sigma_k^2] + e_k),   clean_k = (w_out . h_k + b) / temperature
 
-    The weights are a softmax of ``s_k`` over the experts present in that sample; absent experts get exactly 0 and
-    a sample without any present expert gets all zeros. Because each score depends only on its own expert, the gate
-    works unchanged for any subset of present experts (a missing lead simply drops out of the softmax), unlike a gate
-    reading the concatenation of all experts, which would need placeholder inputs for missing ones.
+    Because each score depends only on its own expert, the gate works unchanged for any subset of present experts
+    (a missing lead simply drops out of the softmax), unlike a gate reading the concatenation of all experts.
 
-    Shazeer et al.'s noisy top-k gating exists to route each input to a few experts and skip the others' compute,
-    with noise to balance the load. Here every expert (one encoder per lead) is evaluated anyway and the mixture is
-    over Gaussians, so a dense softmax gate is the right simplification: no top-k, no noise, no load-balancing loss.
+    Noisy top-k gating (Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+    Layer", 2017). With ``noise=True``, in training mode only, the logits are
+    ``H_k = clean_k + eps_k * softplus(w_noise . h_k + b_noise)``, ``eps ~ N(0, 1)`` (the noise projection reads the
+    same hidden layer; it starts at zero weight, so the initial noise scale is softplus(0) = 0.69 as in the paper's
+    zero initialisation). In eval mode ``H = clean``: the gate is deterministic. With ``top_k`` = k smaller than
+    the number of present experts, only the k largest ``H_k`` of each sample are kept and the softmax runs over
+    them (the others get exactly 0); ``top_k=None`` (default) is dense gating, a softmax over all present experts.
+
+    Balance losses (in :mod:`kale_ext.predict.losses`). ``importance_loss(weights, mask)`` is Shazeer's
+    importance loss, the squared coefficient of variation over experts of the batch sum of the weights.
+    ``load_loss(load, mask, top_k)`` is his load loss, on ``GateOutput.load``: under top-k the smooth estimate
+    ``P(k selected) = Phi((clean_k - threshold_k) / softplus(noise_k))`` of the probability that expert k is kept
+    under a fresh draw of its noise, threshold_k being the k-th largest noisy logit of the other experts (in eval
+    mode, or without noise, the 0/1 selection indicator, which has no gradient). Under dense gating every present
+    expert is always selected, so selection carries no information; the load is then defined as the expected share
+    of the mixture, the weight itself, and the load loss equals the importance loss (use one of the two).
 
     Args:
         latent_dim: D, the experts' latent size.
-        num_experts: M, the number of experts (identity embeddings).
+        num_experts: K, the number of experts (identity embeddings).
         hidden_dim: width of the shared MLP.
-        temperature: divides the scores; > 1 flattens the weights, < 1 sharpens them.
+        temperature: divides the clean scores; > 1 flattens the weights, < 1 sharpens them.
         detach_inputs: stop gradients from the gate into the experts' parameters (default False).
+        noise: noisy gating in training mode (default False: deterministic in training too).
+        top_k: keep the k largest logits per sample; None (default) or k >= K is dense gating.
+        generator: torch.Generator for the noise when ``forward`` gets none (None: torch's default generator).
+
+    Attributes:
+        is_gate: True; how :mod:`kale_ext.interpret.gates` and HiME recognise a gating network.
     """
+
+    is_gate = True
 
     def __init__(
         self,
@@ -272,29 +347,45 @@ class ExpertGate(nn.Module):
         hidden_dim: int = 64,
         temperature: float = 1.0,
         detach_inputs: bool = False,
+        noise: bool = False,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 for a plain softmax.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (dense gating), got {top_k}.")
         self.latent_dim = latent_dim
         self.num_experts = num_experts
         self.temperature = float(temperature)
         self.detach_inputs = detach_inputs
+        self.noise = bool(noise)
+        self.top_k = None if top_k is None or top_k >= num_experts else int(top_k)
+        self.generator = generator
         self.input_layer = nn.Linear(2 * latent_dim, hidden_dim)
         self.expert_embedding = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.activation = nn.GELU()
         self.output_layer = nn.Linear(hidden_dim, 1)
+        self.noise_layer = None
+        if self.noise:
+            self.noise_layer = nn.Linear(hidden_dim, 1)
+            nn.init.zeros_(self.noise_layer.weight)
+            nn.init.zeros_(self.noise_layer.bias)
 
-    def forward(self, mean: Tensor, log_var: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Compute the gate weights.
+    def forward(
+        self, mean: Tensor, log_var: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> GateOutput:
+        """Compute the gate weights and the balance-loss inputs.
 
         Args:
             mean: (experts, batch, latent) expert means.
             log_var: (experts, batch, latent) expert log-variances.
             mask: (experts, batch) bool, True = present; None means all present.
+            generator: torch.Generator for this call's noise (training with ``noise`` only).
 
         Returns:
-            weights: (experts, batch) float32, summing to 1 over present experts, exactly 0 for absent ones.
+            GateOutput(weights, logits, load), each (experts, batch) float32.
         """
         if mean.shape[0] != self.num_experts:
             raise ValueError(
@@ -306,11 +397,65 @@ class ExpertGate(nn.Module):
         features = torch.cat([mean, log_var], dim=-1)
         if self.detach_inputs:
             features = features.detach()
-        # The MLP may run in reduced precision under autocast; only the softmax needs float32.
+        # The MLP may run in reduced precision under autocast; the softmax and the noise run in float32.
         hidden = self.activation(self.input_layer(features) + self.expert_embedding.unsqueeze(1))
         scores = self.output_layer(hidden).squeeze(-1)
+        noisy = self.noise_layer is not None and self.training
+        noise_logits = self.noise_layer(hidden).squeeze(-1) if noisy else None
         with _float32_region(scores):
-            return masked_softmax(scores.float() / self.temperature, mask, dim=0)
+            zero = torch.zeros((), device=scores.device)
+            clean = torch.where(mask, scores.float() / self.temperature, zero)
+            logits = clean
+            noise_std = None
+            if noisy:
+                generator = generator if generator is not None else self.generator
+                device = generator.device if generator is not None else clean.device
+                eps = torch.randn(clean.shape, generator=generator, device=device).to(clean.device)
+                noise_std = F.softplus(noise_logits.float())
+                logits = torch.where(mask, clean + eps * noise_std, zero)
+            if self.top_k is None:
+                weights = masked_softmax(logits, mask, dim=0)
+                return GateOutput(weights, logits, weights)
+            selected, threshold, has_threshold = _top_k_select(logits, mask, self.top_k)
+            weights = masked_softmax(logits, selected, dim=0)
+            if noise_std is None:
+                load = selected.float()
+            else:
+                # where-guarded so that samples with too few experts (always selected) send no NaN gradients.
+                z = torch.where(has_threshold, (clean - threshold) / noise_std.clamp_min(1e-6), zero)
+                load = torch.where(has_threshold, _normal_cdf(z), torch.ones((), device=z.device))
+                load = torch.where(mask, load, zero)
+            return GateOutput(weights, logits, load)
+
+
+def is_gate(module: nn.Module | None) -> bool:
+    """Whether a module declares itself a gating network (attribute ``is_gate = True``; the class name is irrelevant).
+
+    Args:
+        module: any module, or None.
+
+    Returns:
+        bool.
+    """
+    return module is not None and bool(getattr(module, "is_gate", False))
+
+
+def _run_gate(
+    gate: nn.Module, mean: Tensor, log_var: Tensor, mask: Tensor, generator: torch.Generator | None
+) -> GateOutput:
+    """Call any gate module; a plain (K, B) tensor result is taken as the weights (load = weights, logits = 0)."""
+    out = gate(mean, log_var, mask) if generator is None else gate(mean, log_var, mask, generator=generator)
+    if isinstance(out, Tensor):
+        if out.shape != mask.shape:
+            raise ValueError(
+                f"the gate returned weights of shape {tuple(out.shape)}, expected (experts, batch) = "
+                f"{tuple(mask.shape)}; a gate maps (K, B, D) experts to (K, B) weights or a GateOutput."
+            )
+        weights = torch.where(mask, out.float(), torch.zeros((), device=out.device))
+        total = weights.sum(dim=0, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 0.0)
+        return GateOutput(weights, torch.zeros_like(weights), weights)
+    return GateOutput(out.weights.float(), out.logits.float(), out.load.float())
 
 
 class HierarchicalModalityExperts(nn.Module):
@@ -319,9 +464,17 @@ class HierarchicalModalityExperts(nn.Module):
     ``mode="paper"`` (default), following the paper:
 
     1. a shared expert = product of the present modality experts (plus N(0, I) when ``use_prior``);
-    2. K = M + 1 experts, ``[modality experts..., shared expert]``, weighted per sample by an :class:`ExpertGate`
-       (``gate=True``) or uniformly over the present ones (``gate=False``);
+    2. K = M + 1 experts, ``[modality experts..., shared expert]``, weighted per sample by a gate
+       (``gate=True``: an :class:`ExpertGate`; or any gate module passed as ``gate``) or uniformly over the present
+       ones (``gate=False``);
     3. the fused posterior is the moment-matched mixture (:class:`MixtureOfExperts`).
+
+    A gate module passed as ``gate`` is any ``nn.Module`` with the signature
+    ``forward(mean (K, B, D), log_var (K, B, D), mask (K, B) bool) -> GateOutput | Tensor (K, B)`` (it is also given
+    ``generator=`` when ``forward`` gets one); a plain tensor is taken as the weights (then ``gate_load`` = the
+    weights and ``gate_logits`` = 0). Its weights must be non-negative; absent experts are zeroed and each sample is
+    renormalised by the mixture. It should set ``is_gate = True`` so that interpretation reports its weights as
+    learned. With a gate, :class:`FusionOutput` carries ``gate_logits`` and ``gate_load`` for the balance losses.
 
     ``use_poe=False`` keeps K = M + 1 but marks the shared expert absent (weight 0, mask False);
     ``use_moe=False`` returns the shared PoE expert itself (weights one-hot on it; the gate is then unused and not
@@ -342,11 +495,15 @@ class HierarchicalModalityExperts(nn.Module):
         use_prior: include N(0, I) in the shared product (paper mode) / append it as an expert (reference mode).
         use_poe: include the shared PoE expert in the mixture.
         use_moe: fuse by the gated mixture; if False, return the shared PoE expert.
-        gate: learn per-sample weights with :class:`ExpertGate`; if False, uniform over present experts.
+        gate: True builds an :class:`ExpertGate`; False gives uniform weights over present experts; a module is used
+            as the gate (signature above).
         mode: "paper" or "reference".
         num_groups: number of positional groups in reference mode.
-        gate_hidden_dim: hidden width of the gate's MLP.
-        gate_temperature: softmax temperature of the gate.
+        gate_hidden_dim: hidden width of the gate's MLP (``gate=True``).
+        gate_temperature: softmax temperature of the gate (``gate=True``).
+        gate_noise: noisy gating in training mode (``gate=True``; see :class:`ExpertGate`).
+        gate_top_k: keep the k largest gate logits per sample; None = dense (``gate=True``).
+        generator: torch.Generator for the gate's noise when ``forward`` gets none.
     """
 
     def __init__(
@@ -356,11 +513,14 @@ class HierarchicalModalityExperts(nn.Module):
         use_prior: bool = True,
         use_poe: bool = True,
         use_moe: bool = True,
-        gate: bool = True,
+        gate: bool | nn.Module = True,
         mode: str = "paper",
         num_groups: int = 4,
         gate_hidden_dim: int = 64,
         gate_temperature: float = 1.0,
+        gate_noise: bool = False,
+        gate_top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("paper", "reference"):
@@ -386,18 +546,29 @@ class HierarchicalModalityExperts(nn.Module):
             unused = list(range(self.group_size * num_groups, num_stacked))
             if any(i < num_modalities for i in unused):
                 logger.warning("reference mode: modality experts %s fall outside every group and are unused", unused)
+        elif use_moe and isinstance(gate, nn.Module):
+            self.gate = gate
         elif use_moe and gate:
             self.gate = ExpertGate(
-                latent_dim, num_modalities + 1, hidden_dim=gate_hidden_dim, temperature=gate_temperature
+                latent_dim,
+                num_modalities + 1,
+                hidden_dim=gate_hidden_dim,
+                temperature=gate_temperature,
+                noise=gate_noise,
+                top_k=gate_top_k,
+                generator=generator,
             )
 
-    def forward(self, mean: Tensor, log_var: Tensor, mask: Tensor | None = None) -> FusionOutput:
+    def forward(
+        self, mean: Tensor, log_var: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> FusionOutput:
         """Fuse the modality experts.
 
         Args:
             mean: (modalities, batch, latent) expert means.
             log_var: (modalities, batch, latent) expert log-variances.
             mask: (modalities, batch) bool, True = present; None means all present.
+            generator: torch.Generator for the gate's noise in this call (noisy gates in training only).
 
         Returns:
             FusionOutput with K = M + 1 experts (paper mode) or K = num_groups (reference mode).
@@ -422,13 +593,17 @@ class HierarchicalModalityExperts(nn.Module):
                 weights = torch.zeros(expert_mask.shape, device=mean.device)
                 weights[-1] = shared_present.float()
                 return FusionOutput(shared_mean, shared_log_var, weights, expert_mean, expert_log_var, expert_mask)
+        gate_logits = gate_load = None
         if self.gate is not None:
-            weights = self.gate(expert_mean, expert_log_var, expert_mask)
+            routed = _run_gate(self.gate, expert_mean, expert_log_var, expert_mask, generator)
+            weights, gate_logits, gate_load = routed
         else:
             weights = _uniform_weights(expert_mask)
         with _float32_region(mean):
             fused_mean, fused_log_var = _moment_match(expert_mean, expert_log_var, weights.float(), expert_mask)
-        return FusionOutput(fused_mean, fused_log_var, weights, expert_mean, expert_log_var, expert_mask)
+        return FusionOutput(
+            fused_mean, fused_log_var, weights, expert_mean, expert_log_var, expert_mask, gate_logits, gate_load
+        )
 
     def _reference(self, mean: Tensor, log_var: Tensor, mask: Tensor | None) -> FusionOutput:
         """The authors' grouped path: positional groups, a product per group, average of means and log-variances."""
@@ -513,18 +688,23 @@ class MeanFusion(nn.Module):
 class SubsetPoEFusion(nn.Module):
     """MoPoE-VAE-style fusion: in training, the product over one random non-empty subset of the present experts.
 
-    Per sample and per call, a subset size s is drawn uniformly from ``1..n`` (n = number of present experts; or
-    ``min(subset_size, n)`` when ``subset_size`` is given), then s members uniformly without replacement; the fused
-    posterior is their product (with the prior when ``use_prior``). This is the single-sample estimate of the
-    MoPoE mixture over subsets. In eval mode the product of all present experts is used. ``expert_mask`` is the
-    presence mask; ``weights`` are the precision shares of the chosen subset (0 outside it).
+    The MoPoE posterior (Sutter et al. 2021) is the uniform mixture, over the non-empty subsets s of the present
+    experts, of the products ``PoE(s)``. Its single-sample estimate draws one subset per sample and call, uniformly
+    among the ``2^n - 1`` non-empty subsets of the n present experts: each present expert joins with probability
+    1/2 independently, and draws that come out empty are redrawn (rejection), which is exactly uniform over the
+    non-empty subsets. (Drawing the subset size uniformly first and then the members is *not*: it gives the full
+    set probability 1/n instead of 1/(2^n - 1).) With ``subset_size`` = s the subset is instead uniform among the
+    subsets of size ``min(s, n)``. The fused posterior is the product of the chosen experts (with the prior when
+    ``use_prior``). In eval mode the product of all present experts is used. ``expert_mask`` is the presence mask;
+    ``weights`` are the precision shares of the chosen subset (0 outside it).
 
     Randomness comes from the ``generator`` passed to ``forward`` or, failing that, the one given at construction;
     with neither, torch's default generator is used (as dropout does).
 
     Args:
         use_prior: include N(0, I) in every product.
-        subset_size: fixed subset size (capped at the number of present experts); None draws it uniformly.
+        subset_size: fixed subset size (capped at the number of present experts); None draws a subset uniformly
+            among all non-empty subsets.
         generator: default torch.Generator for the subset draws.
     """
 
@@ -546,19 +726,26 @@ class SubsetPoEFusion(nn.Module):
             generator: optional torch.Generator.
 
         Returns:
-            (experts, batch) bool, a subset of ``mask``, non-empty wherever ``mask`` has a present expert.
+            (experts, batch) bool, a subset of ``mask``, non-empty wherever ``mask`` has a present expert: uniform
+            over the non-empty subsets, or over the subsets of size ``min(subset_size, n)``.
         """
         generator = generator if generator is not None else self.generator
         device = generator.device if generator is not None else mask.device
         num_experts, batch = mask.shape
-        scores = torch.rand((num_experts, batch), generator=generator, device=device).to(mask.device)
-        size_u = torch.rand((batch,), generator=generator, device=device).to(mask.device)
-        count = mask.sum(dim=0)
         if self.subset_size is None:
-            size = (size_u * count).floor().long() + 1
-        else:
-            size = torch.full_like(count, self.subset_size)
-        size = torch.minimum(size, count)
+            has_any = mask.any(dim=0)
+            chosen = mask & (torch.rand((num_experts, batch), generator=generator, device=device).to(mask.device) < 0.5)
+            # Rejection: redraw the samples whose draw came out empty (probability 2^-n each; the loop ends with
+            # probability 1, after 1 + 2^-n / (1 - 2^-n) rounds on average for the worst sample).
+            empty = has_any & ~chosen.any(dim=0)
+            while bool(empty.any()):
+                redraw = torch.rand((num_experts, batch), generator=generator, device=device).to(mask.device) < 0.5
+                chosen = torch.where(empty.unsqueeze(0), mask & redraw, chosen)
+                empty = has_any & ~chosen.any(dim=0)
+            return chosen
+        scores = torch.rand((num_experts, batch), generator=generator, device=device).to(mask.device)
+        count = mask.sum(dim=0)
+        size = torch.minimum(torch.full_like(count, self.subset_size), count)
         # Rank the present experts by a random score (absent ones last) and keep the first `size`.
         scores = scores.masked_fill(~mask, 2.0)
         rank = scores.argsort(dim=0).argsort(dim=0)
@@ -582,3 +769,67 @@ class SubsetPoEFusion(nn.Module):
             fused_mean, fused_log_var, share = _poe(mean, log_var, chosen, self.use_prior)
             weights = _weights_from_share(share, chosen)
         return FusionOutput(fused_mean, fused_log_var, weights, mean, log_var, mask)
+
+
+def all_nonempty_subsets(num_experts: int) -> Tensor:
+    """Every non-empty subset of ``num_experts`` experts, as rows of a membership matrix.
+
+    Args:
+        num_experts: M (at most 20: 2^M - 1 rows).
+
+    Returns:
+        (2^M - 1, M) bool; row r is the binary expansion of r + 1 (expert 0 = least significant bit).
+    """
+    if not 1 <= num_experts <= 20:
+        raise ValueError(
+            f"num_experts must be in 1..20 for an explicit subset list, got {num_experts}; "
+            "for more experts sample subsets with SubsetPoEFusion.sample_subset."
+        )
+    codes = torch.arange(1, 2**num_experts).unsqueeze(1)
+    bits = torch.tensor([1 << m for m in range(num_experts)]).unsqueeze(0)
+    return (codes & bits) != 0
+
+
+def subset_products(
+    mean: Tensor, log_var: Tensor, mask: Tensor | None, subsets: Tensor, use_prior: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Product-of-experts posteriors of given expert subsets: the pieces of MVAE's and MoPoE's sub-ELBOs.
+
+    For each subset s (a row of ``subsets``) and sample b, the product of the experts that are both in s and present
+    in b (with N(0, I) when ``use_prior``). ``subsets = torch.eye(M, dtype=torch.bool)`` gives the unimodal
+    posteriors ``q(z | x_m) ~ q_m(z) p(z)`` of MVAE (Wu and Goodman 2018); :func:`all_nonempty_subsets` gives the
+    components of the MoPoE mixture (Sutter et al. 2021). A subset none of whose members is present in a sample is
+    marked absent there (``subset_mask`` False, posterior N(0, I)): leave it out of the objective.
+
+    Args:
+        mean: (experts, batch, latent) expert means.
+        log_var: (experts, batch, latent) expert log-variances.
+        mask: (experts, batch) bool, True = present; None means all present.
+        subsets: (S, experts) bool membership.
+        use_prior: include N(0, I) in every product.
+
+    Returns:
+        mean (S, batch, latent), log_var (S, batch, latent), subset_mask (S, batch) bool, float32.
+    """
+    with _float32_region(mean):
+        mean, log_var, mask = _prepare(mean, log_var, mask)
+        num_experts, batch, latent = mean.shape
+        subsets = subsets.to(device=mask.device, dtype=torch.bool)
+        if subsets.dim() != 2 or subsets.shape[1] != num_experts:
+            raise ValueError(
+                f"subsets must be (S, experts) = (S, {num_experts}) bool, got {tuple(subsets.shape)}; "
+                "e.g. torch.eye(num_experts, dtype=torch.bool) for the unimodal posteriors."
+            )
+        num_subsets = subsets.shape[0]
+        member = subsets.T.unsqueeze(-1) & mask.unsqueeze(1)  # (M, S, B)
+        flat = member.reshape(num_experts, num_subsets * batch)
+        rep_mean = mean.unsqueeze(1).expand(num_experts, num_subsets, batch, latent).reshape(num_experts, -1, latent)
+        rep_log_var = log_var.unsqueeze(1).expand_as(mean.unsqueeze(1).expand(-1, num_subsets, -1, -1))
+        rep_log_var = rep_log_var.reshape(num_experts, -1, latent)
+        sub_mean, sub_log_var, _ = _poe(rep_mean, rep_log_var, flat, use_prior)
+        subset_mask = member.any(dim=0)
+        return (
+            sub_mean.reshape(num_subsets, batch, latent),
+            sub_log_var.reshape(num_subsets, batch, latent),
+            subset_mask,
+        )

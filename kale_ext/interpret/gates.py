@@ -7,7 +7,9 @@ reported as its own row ``"shared (PoE)"``, and averaged per class and per fold.
 
 Not every fusion has a gate. The table states what the weights are in its ``gate`` column:
 
-- ``"learned"``: the fusion holds a gating network (a submodule whose class name contains "Gate");
+- ``"learned"``: the fusion holds a gating network: a submodule that declares ``is_gate = True`` (as
+  :class:`kale_ext.embed.fusion.ExpertGate` does), or a module held as a fusion's ``gate`` attribute (any gate
+  module passed to HiME); class names play no part;
 - ``"uniform"``: no gating network and every present expert gets the same weight (e.g. the reference code's plain
   average, the mean fusion), so the weights say nothing about lead importance;
 - ``"fixed"``: no gating network but unequal weights (a fusion-specific rule, reported as it is).
@@ -24,6 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from kale_ext.embed.fusion import is_gate
 from kale_ext.interpret.attribution import _sorted_unique
 
 logger = logging.getLogger(__name__)
@@ -75,8 +78,8 @@ def expert_names_for(lead_names: Sequence[str], num_experts: int, group_size: in
 
 
 def _has_gate(model: nn.Module) -> bool:
-    """Whether the model holds a gating network (a submodule whose class name contains 'Gate')."""
-    return any("gate" in type(m).__name__.lower() for m in model.modules())
+    """Whether the model holds a gating network: a submodule with ``is_gate = True`` or held as a ``gate`` attribute."""
+    return any(is_gate(m) or isinstance(getattr(m, "gate", None), nn.Module) for m in model.modules())
 
 
 def _weights_kind(model: nn.Module, weights: np.ndarray, expert_mask: np.ndarray) -> str:

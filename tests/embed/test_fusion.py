@@ -16,8 +16,11 @@ from kale_ext.embed.fusion import (
     PoEFusion,
     ProductOfExperts,
     SubsetPoEFusion,
+    all_nonempty_subsets,
     bound_log_var,
+    is_gate,
     masked_softmax,
+    subset_products,
 )
 
 M, B, D = 5, 6, 4
@@ -193,7 +196,7 @@ def test_gate_weights_sum_to_one_and_zero_for_absent():
     gate = ExpertGate(D, M, hidden_dim=8, temperature=0.7)
     with torch.no_grad():
         gate.expert_embedding.normal_()
-    weights = gate(mean, log_var, mask)
+    weights = gate(mean, log_var, mask).weights  # the gate returns a GateOutput; weights as before
     assert weights.shape == (M, B)
     has_any = mask.any(0)
     torch.testing.assert_close(weights.sum(0)[has_any], torch.ones(int(has_any.sum())))
@@ -207,7 +210,7 @@ def test_gate_weights_sum_to_one_and_zero_for_absent():
     drop[present[0]] = True
     mask2 = mask.clone()
     mask2[drop, b] = False
-    w2 = gate(mean, log_var, mask2)
+    w2 = gate(mean, log_var, mask2).weights
     keep = mask2[:, b]
     torch.testing.assert_close(w2[keep, b], weights[keep, b] / weights[keep, b].sum())
 
@@ -448,3 +451,169 @@ def test_hime_onnx_export_matches_torch(tmp_path):
             want = hime(mean, log_var, feed_mask)
         for name, g, w in zip(FusionOutput._fields, got, want):
             torch.testing.assert_close(torch.from_numpy(g).to(w.dtype), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- noisy top-k gate (Shazeer et al. 2017)
+
+
+def test_noisy_gate_train_only_reproducible_and_masked():
+    mean, log_var = _experts()
+    mask = _mask()
+    mask[:, 3] = False
+    gate = ExpertGate(D, M, hidden_dim=8, noise=True)
+    with torch.no_grad():
+        gate.expert_embedding.normal_()
+    gate.train()
+    a = gate(mean, log_var, mask, generator=torch.Generator().manual_seed(0))
+    b = gate(mean, log_var, mask, generator=torch.Generator().manual_seed(0))
+    c = gate(mean, log_var, mask, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.weights, b.weights) and not torch.allclose(a.weights, c.weights)
+    assert (a.weights[~mask] == 0).all() and (a.logits[~mask] == 0).all() and (a.weights[:, 3] == 0).all()
+    has_any = mask.any(0)
+    torch.testing.assert_close(a.weights.sum(0)[has_any], torch.ones(int(has_any.sum())))
+    # the noise is eps * softplus(noise projection), which starts at softplus(0): logits - clean = eps * log 2
+    clean = gate.eval()(mean, log_var, mask)
+    eps = torch.randn((M, B), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.logits[mask], (clean.logits + eps * math.log(2.0))[mask], rtol=1e-5, atol=1e-5)
+    # eval mode is deterministic and equals the noiseless gate with the same parameters
+    plain = ExpertGate(D, M, hidden_dim=8)
+    plain.load_state_dict({k: v for k, v in gate.state_dict().items() if not k.startswith("noise_layer")})
+    e1, e2 = gate(mean, log_var, mask), gate(mean, log_var, mask)
+    assert torch.equal(e1.weights, e2.weights)
+    torch.testing.assert_close(e1.weights, plain.train()(mean, log_var, mask).weights)
+    # dense gating: the load is the weight itself
+    assert torch.equal(a.load, a.weights)
+    # the noise scale is learned: its projection gets gradients through the weights
+    gate.train()
+    (gate(mean, log_var, mask).weights[0] * torch.arange(B)).sum().backward()
+    assert gate.noise_layer.weight.grad.abs().sum() > 0
+
+
+def test_top_k_gate_keeps_k_experts_per_sample():
+    m, b, k = 6, 40, 2
+    mean, log_var = _experts(m=m, b=b)
+    mask = torch.ones(m, b, dtype=torch.bool)
+    mask[:5, 0] = False  # one present expert: it is kept
+    mask[2, 1:10] = False
+    gate = ExpertGate(D, m, hidden_dim=8, top_k=k, noise=True)
+    with torch.no_grad():
+        gate.expert_embedding.normal_()
+    for mode in (gate.train(), gate.eval()):
+        out = mode(mean, log_var, mask, generator=torch.Generator().manual_seed(2))
+        kept = (out.weights > 0).sum(0)
+        assert kept[0] == 1 and (kept[1:] == k).all()
+        assert (out.weights[~mask] == 0).all() and (out.load[~mask] == 0).all()
+        torch.testing.assert_close(out.weights.sum(0), torch.ones(b))
+        # the kept experts are those with the k largest logits among the present ones
+        ranked = out.logits.masked_fill(~mask, float("-inf")).topk(k, dim=0).indices
+        for j in range(1, b):
+            assert set(ranked[:, j].tolist()) == set(torch.nonzero(out.weights[:, j])[:, 0].tolist())
+    # eval: the load is the 0/1 selection
+    assert torch.equal(out.load, (out.weights > 0).float())
+    # a gate with k >= K is dense
+    assert ExpertGate(D, m, top_k=m).top_k is None
+
+
+def test_top_k_load_is_the_selection_probability_under_fresh_noise():
+    """Shazeer's estimator: P(expert i selected | the other experts' noisy logits), checked by Monte Carlo."""
+    m, k = 5, 2
+    mean, log_var = _experts(m=m, b=3)
+    gate = ExpertGate(D, m, hidden_dim=8, top_k=k, noise=True).train()
+    with torch.no_grad():
+        gate.expert_embedding.normal_()
+        gate.noise_layer.bias.fill_(0.5)
+    out = gate(mean, log_var, generator=torch.Generator().manual_seed(4))
+    clean = gate.eval()(mean, log_var).logits
+    std = torch.nn.functional.softplus(torch.tensor(0.5))
+    g = torch.Generator().manual_seed(9)
+    for i in range(m):
+        others = torch.cat([out.logits[:i], out.logits[i + 1 :]])  # (m-1, 3), fixed
+        kth_other = others.topk(k, dim=0).values[k - 1]
+        draws = clean[i] + std * torch.randn(200_000, 3, generator=g)
+        p_mc = (draws > kth_other).float().mean(0)
+        torch.testing.assert_close(out.load[i], p_mc, atol=5e-3, rtol=0)
+    # the load has gradients to the clean and the noise logits
+    out.load.sum().backward()
+    assert gate.noise_layer.bias.grad.abs() > 0 and gate.output_layer.bias.grad.abs() > 0
+
+
+def test_hime_exposes_gate_outputs_and_takes_any_gate_module():
+    mean, log_var = _experts()
+    mask = _mask()
+    hime = HierarchicalModalityExperts(M, D, gate_hidden_dim=8, gate_noise=True, gate_top_k=3)
+    assert is_gate(hime.gate) and hime.gate.noise and hime.gate.top_k == 3
+    out = hime(mean, log_var, mask, generator=torch.Generator().manual_seed(0))
+    assert out.gate_logits.shape == out.gate_load.shape == (M + 1, B)
+    assert ((out.weights > 0).sum(0) <= 3).all()
+    assert HierarchicalModalityExperts(M, D, gate=False)(mean, log_var, mask).gate_load is None
+
+    class Scorer(torch.nn.Module):  # no "Gate" in the name; plain (K, B) weights
+        is_gate = True
+
+        def forward(self, mean, log_var, mask):
+            return torch.exp(-log_var.mean(-1))  # unnormalised, values also where absent
+
+    custom = HierarchicalModalityExperts(M, D, gate=Scorer())
+    got = custom(mean, log_var, mask)
+    assert isinstance(custom.gate, Scorer) and is_gate(custom.gate)
+    assert (got.weights[~got.expert_mask] == 0).all()
+    torch.testing.assert_close(got.weights.sum(0), torch.ones(B))
+    ref = MixtureOfExperts()(
+        got.expert_mean, got.expert_log_var, torch.exp(-got.expert_log_var.mean(-1)), got.expert_mask
+    )
+    torch.testing.assert_close(got.mean, ref[0])
+    torch.testing.assert_close(got.gate_load, got.weights)
+    # a module returning a GateOutput is used as it is
+    inner = ExpertGate(D, M + 1, hidden_dim=8)
+    wrapped = HierarchicalModalityExperts(M, D, gate=inner)(mean, log_var, mask)
+    torch.testing.assert_close(
+        wrapped.weights, inner(wrapped.expert_mean, wrapped.expert_log_var, wrapped.expert_mask).weights
+    )
+    assert not is_gate(torch.nn.Linear(2, 2)) and not is_gate(None)
+
+
+# ---------------------------------------------------------------- MoPoE subsets and subset products
+
+
+def test_subset_sampling_is_uniform_over_nonempty_subsets():
+    n, draws = 3, 70_000
+    mask = torch.ones(n, draws, dtype=torch.bool)
+    chosen = SubsetPoEFusion().sample_subset(mask, torch.Generator().manual_seed(0))
+    assert chosen.any(0).all()
+    code = (chosen.long() * torch.tensor([1, 2, 4])[:, None]).sum(0)
+    counts = torch.bincount(code, minlength=8)[1:].double()
+    expected = draws / 7
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 22.5  # chi-square, 6 degrees of freedom, p = 0.001
+    # absent experts are never chosen; with 12 present the full set is rare (1/4095, the old sampler gave 1/12)
+    m = 12
+    mask = torch.ones(m, 40_000, dtype=torch.bool)
+    mask[0, ::2] = False
+    chosen = SubsetPoEFusion().sample_subset(mask, torch.Generator().manual_seed(1))
+    assert not (chosen & ~mask).any() and chosen.any(0).all()
+    full = chosen[:, 1::2].all(0).float().mean()
+    assert full < 2e-3
+    sizes = chosen[:, 1::2].sum(0).double()
+    assert abs(sizes.mean() - 6 * 4096 / 4095) < 0.05  # Binomial(12, 1/2) given non-empty
+
+
+def test_subset_products_equal_products_of_the_members():
+    mean, log_var = _experts()
+    mask = _mask()
+    subsets = all_nonempty_subsets(M)
+    assert subsets.shape == (2**M - 1, M) and len({tuple(r.tolist()) for r in subsets}) == 2**M - 1
+    sub_mean, sub_log_var, sub_mask = subset_products(mean, log_var, mask, subsets)
+    for s in (0, 6, 17, 30):
+        members = subsets[s][:, None] & mask
+        ref = ProductOfExperts(True)(mean, log_var, members)
+        torch.testing.assert_close(sub_mean[s], ref[0])
+        torch.testing.assert_close(sub_log_var[s], ref[1])
+        assert torch.equal(sub_mask[s], members.any(0))
+    # the unimodal posteriors q(z|x_m) ~ q_m p(z) of MVAE: precision 1/sigma_m^2 + 1
+    uni_mean, uni_log_var, uni_mask = subset_products(mean, log_var, mask, torch.eye(M, dtype=torch.bool))
+    assert torch.equal(uni_mask, mask)
+    expected_log_var = -torch.log(torch.exp(-log_var) + 1)
+    torch.testing.assert_close(uni_log_var[mask], expected_log_var[mask])
+    torch.testing.assert_close(uni_mean[mask], (mean * torch.exp(expected_log_var - log_var))[mask])
+    with pytest.raises(ValueError, match="subsets"):
+        subset_products(mean, log_var, mask, torch.ones(3, M + 1, dtype=torch.bool))

@@ -106,3 +106,29 @@ def test_on_the_lsemvae_model():
     uniform = compute_gate_weights(plain, x, ["I", "II", "aVF"], mask)
     assert uniform.kind == "uniform"
     np.testing.assert_allclose(uniform.weights[-1], [1 / 3, 1 / 4, 1 / 4, 1 / 4, 1 / 4], rtol=1e-5)
+
+
+def test_gate_is_recognised_by_attribute_not_by_class_name():
+    """A gating network declares ``is_gate = True`` (or is a fusion's ``gate``); class names play no part."""
+    from kale_ext.embed.fusion import HierarchicalModalityExperts
+    from kale_ext.interpret.gates import _has_gate
+
+    class Router(nn.Module):  # no "Gate" in the name
+        is_gate = True
+
+        def forward(self, mean, log_var, mask):
+            return mask.float()
+
+    class GatekeeperNorm(nn.LayerNorm):  # "Gate" in the name, but not a gate
+        pass
+
+    assert _has_gate(nn.Sequential(nn.Linear(2, 2), Router()))
+    assert not _has_gate(nn.Sequential(GatekeeperNorm(4)))
+    assert _has_gate(HierarchicalModalityExperts(3, 2))
+    assert not _has_gate(HierarchicalModalityExperts(3, 2, gate=False))
+
+    class Plain(nn.Module):  # no is_gate attribute, but held as HiME's gate
+        def forward(self, mean, log_var, mask):
+            return mask.float()
+
+    assert _has_gate(HierarchicalModalityExperts(3, 2, gate=Plain()))

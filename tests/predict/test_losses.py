@@ -10,9 +10,16 @@ from kale_ext.predict.losses import (
     ELBOTerms,
     FocalLoss,
     alignment_loss,
+    expert_kl,
+    gate_balance_kl,
+    gate_entropy_floor_loss,
     gaussian_kl,
+    gaussian_recon_nll,
+    importance_loss,
     linear_annealing,
+    load_loss,
     multimodal_elbo,
+    unimodal_kl,
 )
 
 
@@ -136,3 +143,142 @@ def test_focal_loss_finite_gradients_for_extreme_logits():
     loss = FocalLoss(alpha=0.5, gamma=2.0)(logits, y)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------- Gaussian likelihood, unimodal KL
+
+
+def test_gaussian_recon_nll_is_the_normal_log_likelihood():
+    b, leads, t = 3, 4, 7
+    recon, target = torch.randn(b, leads, t), torch.randn(b, leads, t)
+    mask = torch.ones(b, leads, dtype=torch.bool)
+    mask[1, 2] = False
+    log_sigma = torch.tensor([0.0, -1.0, 0.5, -2.0])
+    dirty = target.clone()
+    dirty[1, 2] = float("nan")
+    got = gaussian_recon_nll(recon, dirty, mask, log_sigma)
+    dist = torch.distributions.Normal(recon, log_sigma.exp()[None, :, None])
+    per_lead = -dist.log_prob(target).sum(-1) * mask
+    torch.testing.assert_close(got, per_lead.sum(1))
+    torch.testing.assert_close(gaussian_recon_nll(recon, dirty, mask, log_sigma, per_lead=True), per_lead)
+    # a float sigma applies to all leads
+    scalar = gaussian_recon_nll(recon, target, log_sigma=math.log(0.3))
+    torch.testing.assert_close(scalar, -torch.distributions.Normal(recon, 0.3).log_prob(target).sum((1, 2)))
+    # a learned sigma: the NLL is minimal at sigma = the RMS residual of the lead
+    ls = torch.zeros(leads, requires_grad=True)
+    opt = torch.optim.Adam([ls], lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        gaussian_recon_nll(recon, target, log_sigma=ls).mean().backward()
+        opt.step()
+    rms = (recon - target).square().mean((0, 2)).sqrt()
+    torch.testing.assert_close(ls.detach().exp(), rms, rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="log_sigma"):
+        gaussian_recon_nll(recon, target, log_sigma=torch.zeros(3))
+
+
+def test_multimodal_elbo_gaussian_is_the_negative_elbo():
+    b, leads, t, d = 4, 3, 6, 2
+    recon, target = torch.randn(b, leads, t), torch.randn(b, leads, t)
+    mean, log_var = torch.randn(b, d), torch.randn(b, d)
+    mask = torch.ones(b, leads, dtype=torch.bool)
+    mask[0, 0] = False
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    out = multimodal_elbo(
+        recon, target, mean, log_var, 1.0, weights, mask, recon_reduction="gaussian", log_sigma=math.log(0.3)
+    )
+    per = gaussian_recon_nll(recon, target, mask, math.log(0.3), per_lead=True)
+    torch.testing.assert_close(out.recon, (per * weights).sum(1).mean())
+    torch.testing.assert_close(out.total, out.recon + gaussian_kl(mean, log_var).mean())
+    torch.testing.assert_close(out.recon_per_lead[0], per[1:, 0].mean())
+    # unweighted, beta = 1: -E_q log p(x|z) + KL, the recon summed over time (T/2 x the MSE at sigma = 1)
+    unit = multimodal_elbo(recon, target, mean, log_var, 1.0, recon_reduction="gaussian")
+    sse = (recon - target).square().sum((1, 2))
+    torch.testing.assert_close(unit.recon, (0.5 * sse + leads * t * 0.5 * math.log(2 * math.pi)).mean())
+
+
+def test_expert_and_unimodal_kl():
+    k, b, d = 3, 4, 2
+    mean, log_var = torch.randn(k, b, d), torch.randn(k, b, d)
+    mask = torch.ones(k, b, dtype=torch.bool)
+    mask[1, 2] = False
+    mean[1, 2] = float("nan")
+    per = expert_kl(mean, log_var, mask)
+    assert per.shape == (k, b) and per[1, 2] == 0
+    torch.testing.assert_close(per[0], gaussian_kl(mean[0], log_var[0]))
+    torch.testing.assert_close(unimodal_kl(mean, log_var, mask), per.sum(0).mean())
+
+
+# ---------------------------------------------------------------- gate balance (Shazeer et al. 2017)
+
+
+def test_importance_loss_is_shazeers_cv_squared():
+    k, b = 5, 8
+    w = torch.softmax(torch.randn(k, b), 0)
+    imp = w.sum(1)
+    torch.testing.assert_close(importance_loss(w), imp.var(unbiased=False) / imp.mean() ** 2)
+    assert importance_loss(torch.full((k, b), 1 / k)) < 1e-10
+    one_hot = torch.zeros(k, b)
+    one_hot[-1] = 1
+    torch.testing.assert_close(importance_loss(one_hot), torch.tensor(k - 1.0))
+    # with missing experts a uniform gate over the present ones is still balanced (0)
+    mask = torch.rand(k, b, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask[-1] = True
+    uniform = mask.float() / mask.float().sum(0, keepdim=True)
+    assert importance_loss(uniform, mask) < 1e-10
+    assert importance_loss(torch.where(mask, w, 0.0), mask) > 0
+
+
+def test_load_loss_dense_equals_importance_and_top_k_is_normalised():
+    k, b = 4, 6
+    w = torch.softmax(torch.randn(k, b), 0)
+    mask = torch.ones(k, b, dtype=torch.bool)
+    mask[0, :3] = False
+    w = torch.where(mask, w, 0.0)
+    w = w / w.sum(0)
+    torch.testing.assert_close(load_loss(w, mask), importance_loss(w, mask))
+    # top-2 with balanced selection: every present expert selected with probability min(2, n) / n
+    n = mask.sum(0, keepdim=True).float()
+    balanced = mask.float() * torch.clamp(n, max=2) / n
+    assert load_loss(balanced, mask, top_k=2) < 1e-10
+    # full mask: Shazeer's CV^2 of the raw sums
+    load = torch.rand(k, b)
+    total = load.sum(1)
+    torch.testing.assert_close(load_loss(load, top_k=2), total.var(unbiased=False) / total.mean() ** 2)
+
+
+def test_gate_balance_kl_barrier_keeps_gradients_for_a_starved_expert():
+    k, b = 5, 16
+    assert gate_balance_kl(torch.full((k, b), 1 / k)).abs() < 1e-6
+    logits = torch.zeros(k, b)
+    logits[-1] = 12.0  # collapsed onto the last expert: the others get ~6e-6
+    w = torch.softmax(logits, 0)
+    p = w.mean(1) / w.mean(1).sum()
+    torch.testing.assert_close(gate_balance_kl(w), (0.2 * torch.log(0.2 / p)).sum())
+    grads = {}
+    for name, fn in (("kl", gate_balance_kl), ("importance", importance_loss)):
+        lg = logits.clone().requires_grad_(True)
+        fn(torch.softmax(lg, 0)).backward()
+        grads[name] = lg.grad[0].abs().sum()
+    assert grads["kl"] > 0.1 and grads["importance"] < 1e-3  # CV^2 cannot revive a starved expert
+    zero = torch.zeros(k, b)
+    zero[-1] = 1
+    assert torch.isfinite(gate_balance_kl(zero)) and gate_balance_kl(zero) > 5
+    mask = torch.ones(k, b, dtype=torch.bool)
+    mask[0] = False  # an expert absent from the batch is not penalised
+    uniform = mask.float() / mask.float().sum(0)
+    assert gate_balance_kl(uniform, mask).abs() < 1e-6
+
+
+def test_gate_entropy_floor_loss():
+    k, b = 4, 3
+    assert gate_entropy_floor_loss(torch.full((k, b), 0.25)) == 0
+    one_hot = torch.zeros(k, b)
+    one_hot[0] = 1
+    torch.testing.assert_close(gate_entropy_floor_loss(one_hot, floor=0.5), torch.tensor(0.5))
+    mask = torch.ones(k, b, dtype=torch.bool)
+    mask[1:, 0] = False  # one present expert: skipped
+    torch.testing.assert_close(gate_entropy_floor_loss(one_hot, mask, floor=0.5), torch.tensor(0.5))
+    lg = torch.randn(k, b, requires_grad=True)
+    gate_entropy_floor_loss(torch.softmax(lg * 10, 0), floor=0.9).backward()
+    assert torch.isfinite(lg.grad).all()
