@@ -126,6 +126,10 @@ _C.MODEL.NO_POE = False
 _C.MODEL.NO_MOE = False
 # Replace the gate by uniform weights over present experts.
 _C.MODEL.NO_GATE = False
+# Shazeer's noisy gating (learned noise scale, training only).
+_C.MODEL.GATE_NOISE = False
+# Keep the k largest gate weights per sample (0 = dense: every present expert).
+_C.MODEL.GATE_TOP_K = 0
 # Include the N(0, I) prior expert in products of experts (MVAE practice).
 _C.MODEL.USE_PRIOR = True
 # Channel widths of the four stages of resnet1d / xresnet1d; empty = the published (64, 128, 256, 512).
@@ -162,10 +166,25 @@ _C.PRETRAIN.BETA = 1.0
 # Epochs over which beta rises to PRETRAIN.BETA: per step in "paper" mode, min(epoch / this, 1) in "reference" mode.
 _C.PRETRAIN.BETA_WARMUP_EPOCHS = 50.0
 # Alignment weight gamma (Eq. 1); 0 disables alignment (the no-alignment ablation). The paper does not report it.
-# Our alignment is the squared norm summed over the latent per expert while reconstruction is a per-lead mean, so
-# gamma = 1 pulls every expert to one point faster than the decoder learns to use z (posterior collapse on the
-# synthetic cohort); 0.01 keeps both in play.
-_C.PRETRAIN.GAMMA = 0.01
+# 0.5 makes gamma ||mu_k - mu||^2 the negative log-density of a unit-variance Gaussian consensus between each expert
+# and the fused mean, on the scale of the KL's 0.5 ||mu||^2 (docs/models.md, "loss scale").
+_C.PRETRAIN.GAMMA = 0.5
+# Reconstruction term: "gaussian" (negative log-likelihood summed over time and present leads with a fixed sigma per
+# lead, so BETA = 1 is the ELBO) or "mean" (per-lead MSE averaged over time: earlier versions' scale, which weighs
+# the KL T / (2 sigma^2) times more than the ELBO does).
+_C.PRETRAIN.RECON = "gaussian"
+# Standard deviation of the Gaussian likelihood per lead, on z-scored signals (0.3 = a reconstruction explaining
+# about 90% of each lead's variance).
+_C.PRETRAIN.SIGMA = 0.3
+# Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss, times T / (2 SIGMA^2).
+_C.PRETRAIN.GATE_IMPORTANCE = 0.1
+# Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2); 0 = off.
+_C.PRETRAIN.GATE_BALANCE_KL = 0.3
+# Sub-ELBO terms that make each lead expert a valid posterior on its own: "none", "unimodal" (MVAE: each lead's
+# posterior reconstructs its lead) or "subset" (MoPoE: a random subset's product reconstructs every present lead).
+_C.PRETRAIN.SUBSET_TERMS = "none"
+# Weight of the sub-ELBO term.
+_C.PRETRAIN.SUBSET_WEIGHT = 1.0
 # Objective: "paper" = mean-squared reconstruction per lead + beta KL of the fused posterior + gamma alignment of
 # every expert to the fused mean; "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
@@ -193,9 +212,10 @@ _C.PRETRAIN.RESIDENT = "auto"
 # Fine-tuning (head on frozen encoders, or supervised baselines end to end)
 # ---------------------------------------------------------------------------------------------------------------------
 _C.FINETUNE = CfgNode()
-# Features of the frozen VAE: "concat_means" (per-lead posterior means of the leads in use, the authors' choice)
-# or "fused_mean" (the fused posterior mean through the lead mask).
-_C.FINETUNE.FEATURES = "concat_means"
+# Features of the frozen model: "fused_mean" (paper: the data pass through the frozen model; the fused posterior mean
+# under the lead mask, so one head serves 12- and 6-lead input) or "concat_means" (the authors' code: concatenated
+# per-lead posterior means of the leads in use). Models offering other features (ST-MEM: "pooled") use their own.
+_C.FINETUNE.FEATURES = "fused_mean"
 # Epochs (paper: 50).
 _C.FINETUNE.EPOCHS = 50
 # Epochs of the supervised baselines trained end to end; 0 = FINETUNE.EPOCHS.
@@ -305,6 +325,8 @@ ACCEPTED = {
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "PRETRAIN.LOADER": ("auto", "stream", "dataloader"),
+    "PRETRAIN.RECON": ("gaussian", "mean"),
+    "PRETRAIN.SUBSET_TERMS": ("none", "unimodal", "subset"),
     "PRETRAIN.RESIDENT": ("auto", "always", "never"),
     "FINETUNE.FEATURES": FEATURE_MODES,
     "FINETUNE.LOSS": ("focal", "cross_entropy"),
@@ -411,6 +433,11 @@ RANGES = {
     "PRETRAIN.GAMMA": (0.0, None, False, False),
     "PRETRAIN.VAL_FRACTION": (0.0, 1.0, False, True),
     "PRETRAIN.CAPACITY_GAMMA": (0.0, None, False, False),
+    "PRETRAIN.SIGMA": (0.0, None, True, False),
+    "PRETRAIN.GATE_IMPORTANCE": (0.0, None, False, False),
+    "PRETRAIN.GATE_BALANCE_KL": (0.0, None, False, False),
+    "PRETRAIN.SUBSET_WEIGHT": (0.0, None, False, False),
+    "MODEL.GATE_TOP_K": (0, None, False, False),
     "PRETRAIN.CAPACITY_MAX": (0.0, None, False, False),
     "FINETUNE.EPOCHS": (1, None, False, False),
     "FINETUNE.SUPERVISED_EPOCHS": (0, None, False, False),

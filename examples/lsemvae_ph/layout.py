@@ -28,6 +28,8 @@ _OPTION_KEYS = {
     "no_gate": "NO_GATE",
     "use_prior": "USE_PRIOR",
     "conv_impl": "CONV_IMPL",
+    "gate_noise": "GATE_NOISE",
+    "gate_top_k": "GATE_TOP_K",
     "architecture": "RANDOM_ARCHITECTURE",
     "preset": "STMEM_PRESET",
     "patch_size": "STMEM_PATCH_SIZE",
@@ -163,7 +165,7 @@ class RunLayout:
             options["widths"] = [int(w) for w in cfg.MODEL.BASELINE_WIDTHS]
         # Only non-default values are recorded, so records of earlier runs rebuild the same model.
         defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto",
-                    "patch_size": 0}  # fmt: skip
+                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0}  # fmt: skip
         options = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
         return {
             "name": cfg.MODEL.NAME,

@@ -271,7 +271,9 @@ def make_objective(run: RunLayout):
     p = run.cfg.PRETRAIN
     name = "reference" if p.LOSS_MODE == "reference" else run.spec.objective
     return build_objective(
-        name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, capacity_gamma=p.CAPACITY_GAMMA,
+        name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, recon_reduction=p.RECON,
+        sigma=p.SIGMA, gate_importance=p.GATE_IMPORTANCE, gate_balance_kl=p.GATE_BALANCE_KL,
+        subset_terms=p.SUBSET_TERMS, subset_weight=p.SUBSET_WEIGHT, capacity_gamma=p.CAPACITY_GAMMA,
         c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS,
     )  # fmt: skip
 

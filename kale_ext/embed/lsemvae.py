@@ -36,6 +36,8 @@ class LSEMVAE(MultimodalVAE):
         conv_impl: how the small convolutions run (same maths): ``"auto"`` (block-diagonal dense kernels on CUDA,
             grouped kernels elsewhere), ``"conv"``, ``"conv2d"``, ``"matmul"`` or ``"blockdiag"``.
         gate_hidden_dim: hidden width of the gate.
+        gate_noise: Shazeer's noisy gating (learned noise scale, training mode only).
+        gate_top_k: keep the k largest gate values per sample (None = dense, all experts).
         generator: torch.Generator for lead dropout and sampling.
     """
 
@@ -53,6 +55,8 @@ class LSEMVAE(MultimodalVAE):
         lead_dropout: float = 0.0,
         conv_impl: str = "auto",
         gate_hidden_dim: int = 64,
+        gate_noise: bool = False,
+        gate_top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         num_leads = len(lead_names)
@@ -67,6 +71,8 @@ class LSEMVAE(MultimodalVAE):
                 gate=gate,
                 mode=fusion_mode,
                 gate_hidden_dim=gate_hidden_dim,
+                gate_noise=gate_noise,
+                gate_top_k=gate_top_k,
             ),
             decoder=SharedLeadDecoder(num_leads, input_dim, latent_dim, mode=decoder_mode, conv_impl=conv_impl),
             lead_names=lead_names,

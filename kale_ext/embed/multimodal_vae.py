@@ -14,6 +14,7 @@ synchronisation, so a compiled step has no graph break).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -103,6 +104,10 @@ class MultimodalVAE(nn.Module):
         self.lead_dropout = float(lead_dropout)
         self.generator = generator
         self.joint = bool(getattr(encoder, "joint", False))
+        try:
+            self._fusion_takes_generator = "generator" in inspect.signature(fusion.forward).parameters
+        except (TypeError, ValueError):
+            self._fusion_takes_generator = False
 
     # ----------------------------------------------------------------------------------------------------------
     def lead_index(self, leads: Sequence[str] | None, num_channels: int) -> list[int]:
@@ -267,7 +272,11 @@ class MultimodalVAE(nn.Module):
             present = self.drop_leads(present, generator)
             masked = True
         posterior = self._encode(x, idx, present, masked)
-        fused = self.fuse(*posterior)
+        if self._fusion_takes_generator:
+            generator_ = generator if generator is not None else self.generator
+            fused = self.fusion(*posterior, generator=generator_)  # gate noise and random subsets follow it
+        else:
+            fused = self.fuse(*posterior)
         z = fused.mean
         if sample:
             generator = generator if generator is not None else self.generator

@@ -69,6 +69,8 @@ _VAE_OPTIONS = ("lead_dropout", "conv_impl", "generator")
 
 
 def _build_lsemvae(lead_names, input_dim, latent_dim, **options) -> nn.Module:
+    if not options.get("gate_top_k"):
+        options.pop("gate_top_k", None)  # 0 / None = dense
     for flag, arg in (("no_poe", "use_poe"), ("no_moe", "use_moe"), ("no_gate", "gate")):
         if options.pop(flag, False):
             options[arg] = False
@@ -169,7 +171,7 @@ MODELS: dict[str, ModelSpec] = {
         pretrained=True,
         features=(LEAD_MEANS, FUSED_MEAN),
         objective="elbo",
-        options=("no_poe", "no_moe", "no_gate", "use_prior", *_VAE_OPTIONS),
+        options=("no_poe", "no_moe", "no_gate", "use_prior", "gate_noise", "gate_top_k", *_VAE_OPTIONS),
     ),
     "lsemvae_reference": ModelSpec(
         _build_lsemvae_reference,

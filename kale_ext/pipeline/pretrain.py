@@ -31,6 +31,8 @@ from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgre
 
 logger = logging.getLogger(__name__)
 
+GATE_DIAGNOSTICS_FILE = "gate_diagnostics.csv"
+
 LOADERS = ("auto", "stream", "dataloader")
 
 
@@ -220,6 +222,11 @@ class ECGPretrainDataModule(pl.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------------------------
 # The Lightning module
 # ---------------------------------------------------------------------------------------------------------------------
+def _scalars(losses: dict) -> dict:
+    """The loggable terms of an objective's output: scalar tensors, not ``beta`` or auxiliary outputs."""
+    return {k: v for k, v in losses.items() if k != "beta" and isinstance(v, torch.Tensor) and v.dim() == 0}
+
+
 class PretrainModule(pl.LightningModule):
     """Pre-train a model with an objective: AdamW over the model's (and the objective's) parameters.
 
@@ -233,6 +240,8 @@ class PretrainModule(pl.LightningModule):
         compile: run the model's forward through ``torch.compile`` (the parameters, state dict and checkpoints are
             unchanged; on a GPU this is where the block-diagonal convolutions pay off, see docs/models.md).
         fused_optimizer: use the fused AdamW kernel when every parameter is on a GPU.
+        diagnostics_dir: folder of ``gate_diagnostics.csv`` (per epoch: mean gate weight per expert and mean
+            per-sample gate entropy, for fusions with a learned gate); None = logged only.
     """
 
     def __init__(
@@ -244,9 +253,12 @@ class PretrainModule(pl.LightningModule):
         weight_decay: float = 1e-5,
         compile: bool = False,
         fused_optimizer: bool = True,
+        diagnostics_dir: str | Path | None = None,
     ):
         super().__init__()
         self.fused_optimizer = fused_optimizer
+        self.diagnostics_dir = diagnostics_dir
+        self._gate_sums = None
         self.model = model
         self.objective = objective
         # A compiled view of the same forward: the module and its parameters stay as they are.
@@ -261,7 +273,7 @@ class PretrainModule(pl.LightningModule):
         self.register_buffer(
             "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
         )
-        self.save_hyperparameters(ignore=["model", "objective"])
+        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir"])
 
     def progress(self) -> TrainingProgress:
         """Step, epoch and steps per epoch (1 without a trainer) for the objective's schedules."""
@@ -308,27 +320,56 @@ class PretrainModule(pl.LightningModule):
         losses = self.compute_losses(batch, sample=True)
         size = batch["signals"].shape[0]
         self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        for name, value in losses.items():
-            if name != "beta":
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        for name, value in _scalars(losses).items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        fusion = losses.get("fusion")
+        if fusion is not None and getattr(fusion, "gate_logits", None) is not None:
+            self._accumulate_gate(fusion.weights.detach().float(), fusion.expert_mask)
         self.log("train/beta", float(losses["beta"]), on_step=True, on_epoch=False, batch_size=size)
         return losses["loss"]
+
+    def _accumulate_gate(self, weights: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch's gate weights (K, B) to the epoch's sums: weight per expert, per-sample entropy."""
+        w = torch.where(mask, weights, torch.zeros((), device=weights.device))
+        entropy = -(w * torch.log(w.clamp_min(1e-12))).sum(0)  # (B,) nats
+        sums = torch.cat([w.sum(1), entropy.sum().view(1), torch.tensor([w.shape[1]], device=w.device).float()])
+        self._gate_sums = sums if self._gate_sums is None else self._gate_sums + sums
+
+    def on_train_epoch_end(self) -> None:
+        """Log and write the epoch's gate diagnostics: mean weight per expert and mean per-sample entropy."""
+        if self._gate_sums is None:
+            return
+        sums, self._gate_sums = self._gate_sums, None
+        count = sums[-1].clamp_min(1.0)
+        means, entropy = (sums[:-2] / count).tolist(), float(sums[-2] / count)
+        names = list(self.model.lead_names)
+        names = names + ["shared (PoE)"] if len(means) == len(names) + 1 else [f"expert {k}" for k in range(len(means))]
+        for name, value in zip(names, means):
+            self.log(f"gate/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("gate/entropy", entropy, on_step=False, on_epoch=True, sync_dist=True)
+        if self.diagnostics_dir is not None and self.trainer.is_global_zero:
+            path = Path(self.diagnostics_dir) / GATE_DIAGNOSTICS_FILE
+            new = not path.exists() or self.current_epoch == 0
+            with open(path, "w" if new else "a", encoding="utf-8") as fh:
+                if new:
+                    fh.write("epoch,expert,mean_weight,entropy_nats\n")
+                for name, value in zip(names, means):
+                    fh.write(f"{self.current_epoch},{name},{value:.6f},{entropy:.6f}\n")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Validation loss with z at the posterior mean; epoch means synchronised across processes."""
         losses = self.compute_losses(batch, sample=False)
         size = batch["signals"].shape[0]
-        for name, value in losses.items():
-            if name != "beta":
-                self.log(
-                    f"val/{name}",
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=True,
-                    prog_bar=name == "loss",
-                    batch_size=size,
-                )
+        for name, value in _scalars(losses).items():
+            self.log(
+                f"val/{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                prog_bar=name == "loss",
+                batch_size=size,
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the model's and the objective's parameters."""
@@ -478,6 +519,7 @@ def run_pretraining(
     module = PretrainModule(
         model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile,
         fused_optimizer=settings.fused_optimizer,
+        diagnostics_dir=out_dir,
     )  # fmt: skip
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers, settings.loader,

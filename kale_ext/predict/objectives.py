@@ -20,13 +20,22 @@ Depends on torch alone (like :mod:`kale_ext.predict.losses`).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from kale_ext.predict.losses import alignment_loss, gaussian_kl, linear_annealing, multimodal_elbo
+from kale_ext.predict.losses import (
+    alignment_loss,
+    gate_balance_kl,
+    gaussian_kl,
+    gaussian_recon_nll,
+    importance_loss,
+    linear_annealing,
+    multimodal_elbo,
+)
 from kale_ext.predict.pretext import capacity_kl, capacity_schedule
 
 
@@ -83,50 +92,142 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+SUBSET_TERMS = ("none", "unimodal", "subset")
+
+
 class ELBOObjective(Objective):
-    """The paper's objective: multimodal ELBO of the fused posterior plus the alignment of the experts.
+    """The paper's objective: multimodal ELBO of the fused posterior, alignment of the experts, gate balance.
+
+    ``loss = NLL(x | z) + beta KL(q_fused || p) + gamma alignment + balance + w_sub sub-ELBO``, with z drawn from
+    the fused posterior (paper Eqs. 1-2). With ``recon_reduction="gaussian"`` (default) the reconstruction is the
+    Gaussian negative log-likelihood summed over time and present leads with a fixed sigma per lead, so beta = 1 is
+    the ELBO in nats; ``"mean"`` (per-lead MSE averaged over time) is the scale of earlier versions.
+
+    Gate balance (Shazeer et al. 2017, cited by the paper for its gate): when the fusion has a learned gate, its
+    importance loss (CV^2 of the per-expert batch sums) and a KL(uniform || batch-mean gate) barrier are added with
+    weights ``gate_importance x T / (2 sigma^2)`` and ``gate_balance_kl x T / (2 sigma^2)`` (T = samples per lead;
+    the factor is 1 with the ``"mean"`` reconstruction), so the weights follow the reconstruction's scale
+    (docs/fusion.md gives the derivation).
+
+    Sub-ELBO terms (``subset_terms``), one draw per sample so each costs one extra decode: ``"unimodal"`` (MVAE,
+    Wu and Goodman 2018): one present lead expert per sample, its posterior ``q_l p`` alone reconstructs lead l,
+    times the number of present leads; ``"subset"`` (MoPoE, Sutter et al. 2021): one uniformly drawn non-empty
+    subset of the present lead experts per sample, its product reconstructs every present lead. Both make the lead
+    experts valid posteriors on their own, which masked (6-lead) inference relies on. They need a fusion whose first
+    L listed experts are the L lead experts (HiME in paper mode, PoE, mean fusion).
 
     Args:
         beta: final KL weight.
         beta_warmup_epochs: epochs over which beta rises linearly from 0, per optimiser step (0 = no warm-up).
         gamma: alignment weight (0 = no alignment).
-        recon_reduction: reconstruction scale passed to :func:`~kale_ext.predict.losses.multimodal_elbo`.
+        recon_reduction: ``"gaussian"``, ``"mean"`` or ``"reference"`` (see ``multimodal_elbo``).
+        sigma: the Gaussian likelihood's standard deviation per lead (z-scored signals), fixed.
+        gate_importance: coefficient of the importance (CV^2) loss.
+        gate_balance_kl: coefficient of the KL(uniform || mean gate) barrier.
+        subset_terms: ``"none"``, ``"unimodal"`` or ``"subset"``.
+        subset_weight: weight of the sub-ELBO term.
     """
 
     def __init__(
-        self, beta: float = 1.0, beta_warmup_epochs: float = 50.0, gamma: float = 1.0, recon_reduction: str = "mean"
+        self,
+        beta: float = 1.0,
+        beta_warmup_epochs: float = 50.0,
+        gamma: float = 0.5,
+        recon_reduction: str = "gaussian",
+        sigma: float = 0.3,
+        gate_importance: float = 0.1,
+        gate_balance_kl: float = 0.3,
+        subset_terms: str = "none",
+        subset_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if subset_terms not in SUBSET_TERMS:
+            raise ValueError(f"subset_terms {subset_terms!r} is not accepted; use one of {SUBSET_TERMS}")
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
         self.beta_max = float(beta)
         self.beta_warmup_epochs = float(beta_warmup_epochs)
         self.gamma = float(gamma)
         self.recon_reduction = recon_reduction
+        self.log_sigma = math.log(float(sigma))
+        self.gate_importance = float(gate_importance)
+        self.gate_balance_kl = float(gate_balance_kl)
+        self.subset_terms = subset_terms
+        self.subset_weight = float(subset_weight)
 
     def beta(self, progress: TrainingProgress) -> float:
         """beta_max x a linear ramp over ``beta_warmup_epochs`` epochs counted in optimiser steps."""
         warmup = int(round(self.beta_warmup_epochs * max(progress.steps_per_epoch, 1)))
         return self.beta_max * linear_annealing(int(progress.step), warmup)
 
+    def _scale(self, length: int) -> float:
+        return length / (2.0 * math.exp(2.0 * self.log_sigma)) if self.recon_reduction == "gaussian" else 1.0
+
     def forward(self, model: nn.Module, batch: PretrainBatch, progress: TrainingProgress) -> dict:
-        """ELBO terms on the fused posterior that z was drawn from, and the alignment of its experts."""
+        """ELBO terms on the fused posterior that z was drawn from, the alignment and balance of its experts."""
         beta = self.beta(progress)
         run = batch.forward or model
         out = run(batch.signals, mask=batch.mask, leads=batch.leads, sample=batch.sample)
         fusion = out.fusion
         terms = multimodal_elbo(
-            out.recon.float(),
-            batch.target,
-            fusion.mean.float(),
-            fusion.log_var.float(),
-            beta,
-            mask=batch.target_mask,
-            recon_reduction=self.recon_reduction,
-        )
+            out.recon.float(), batch.target, fusion.mean.float(), fusion.log_var.float(), beta,
+            mask=batch.target_mask, recon_reduction=self.recon_reduction, log_sigma=self.log_sigma,
+        )  # fmt: skip
+        zero = terms.total.new_zeros(())
+        align = zero
         if self.gamma > 0:
             align = alignment_loss(fusion.expert_mean.float(), fusion.mean.float(), fusion.expert_mask, self.gamma)
+        balance = zero
+        gated = getattr(fusion, "gate_logits", None) is not None
+        if gated and (self.gate_importance > 0 or self.gate_balance_kl > 0):
+            scale = self._scale(batch.target.shape[-1])
+            w, m = fusion.weights.float(), fusion.expert_mask
+            balance = scale * (
+                self.gate_importance * importance_loss(w, m) + self.gate_balance_kl * gate_balance_kl(w, m)
+            )
+        sub = self._subset_term(model, fusion, batch) if self.subset_terms != "none" and batch.sample else zero
+        loss = terms.total + align + balance + self.subset_weight * sub
+        result = {"loss": loss, "recon": terms.recon, "kl": terms.kl, "align": align, "balance": balance, "beta": beta}
+        if self.subset_terms != "none":
+            result["subset"] = sub
+        result["fusion"] = fusion
+        return result
+
+    def _subset_term(self, model: nn.Module, fusion, batch: PretrainBatch) -> Tensor:
+        """One-draw estimate of the unimodal (MVAE) or subset (MoPoE) ELBO terms, averaged over the batch."""
+        num_leads = batch.target_mask.shape[1]
+        mean, log_var = fusion.expert_mean[:num_leads].float(), fusion.expert_log_var[:num_leads].float()
+        present = fusion.expert_mask[:num_leads]  # (L, B)
+        n_present = present.sum(0)  # (B,)
+        u = torch.rand(present.shape, device=present.device)
+        if self.subset_terms == "unimodal":
+            pick = torch.where(present, u, torch.full_like(u, -1.0)).argmax(0)  # one present lead per sample
+            chosen = nn.functional.one_hot(pick, num_leads).t().bool() & present
+        else:  # Bernoulli(1/2) per present expert; an empty draw falls back to one present expert (no host sync)
+            chosen = present & (u < 0.5)
+            fallback = nn.functional.one_hot(torch.where(present, u, torch.full_like(u, -1.0)).argmax(0), num_leads)
+            chosen = torch.where(chosen.any(0, keepdim=True), chosen, fallback.t().bool() & present)
+        sub_mean, sub_log_var = _product(mean, log_var, chosen)
+        z = sub_mean + torch.exp(0.5 * sub_log_var) * torch.randn_like(sub_mean)
+        recon = model.decode(z).float()
+        nll = gaussian_recon_nll(recon, batch.target, batch.target_mask, self.log_sigma, per_lead=True)  # (B, L)
+        if self.recon_reduction != "gaussian":
+            nll = nll / self._scale(batch.target.shape[-1])
+        kl = gaussian_kl(sub_mean, sub_log_var)
+        if self.subset_terms == "unimodal":
+            per_sample = ((nll * chosen.t().float()).sum(1) + kl) * n_present.float()
         else:
-            align = terms.total.new_zeros(())
-        return {"loss": terms.total + align, "recon": terms.recon, "kl": terms.kl, "align": align, "beta": beta}
+            per_sample = nll.sum(1) + kl
+        valid = n_present > 0
+        return (per_sample * valid.float()).sum() / valid.float().sum().clamp_min(1.0)
+
+
+def _product(mean: Tensor, log_var: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Product of the experts selected by ``mask`` (L, B) with a N(0, I) prior: (B, D) mean and log-variance."""
+    precision = torch.where(mask.unsqueeze(-1), torch.exp(-log_var), torch.zeros((), device=mean.device))
+    total = precision.sum(0) + 1.0
+    fused_mean = (precision * mean).sum(0) / total
+    return fused_mean, -torch.log(total)
 
 
 def reference_alignment(mean: Tensor, mask: Tensor | None = None, gamma: float = 0.1) -> Tensor:

@@ -89,13 +89,15 @@ def test_reconstructions_differ_across_leads_by_default_and_not_in_reference():
     assert all(torch.equal(same[:, 0], same[:, i]) for i in range(1, 12))
 
 
-def test_mopoe_subset_sampling_reaches_every_size():
+def test_mopoe_subset_sampling_is_uniform_over_subsets():
     model = build_model("mopoe", input_dim=T, latent_dim=D, generator=torch.Generator().manual_seed(1)).train()
     x = torch.randn(600, 12, T)
     with torch.no_grad():
         fused = model(x, sample=False).fusion
     sizes = (fused.weights > 0).sum(dim=0)
-    assert set(sizes.tolist()) == set(range(1, 13))  # 12 experts: subsets of every size 1..12
+    # uniform over the 4095 non-empty subsets of 12 leads: size ~ Binomial(12, 1/2) given >= 1 (mean 6.0, sd 1.7)
+    assert sizes.min() >= 1 and abs(sizes.double().mean() - 6.0) < 0.3
+    assert set(range(3, 10)) <= set(sizes.tolist())
     with torch.no_grad():
         full = model.eval()(x[:20], sample=False).fusion
     assert torch.equal((full.weights > 0).sum(dim=0), torch.full((20,), 12))

@@ -293,18 +293,28 @@ def test_comparison_writes_one_table_for_methods_and_lead_settings(tiny_run, tmp
     import compare
 
     opts = [o for o in tiny_opts(tiny_run["shared"])]
-    rows = compare.run_comparison(tmp_path, ["lsemvae", "resnet1d"], ["6L", "12L"], opts=opts)
-    assert len(rows) == 4
-    md = (tmp_path / "results.md").read_text()
-    assert "LS-EMVAE" in md and "ResNet1d" in md and "6L" in md and "12L" in md and "ynthetic" in md
-    table = pd.read_csv(tmp_path / "results.csv")
-    assert len(table) == 4 and set(table["leads"]) == {"6L", "12L"}
-    # one pre-training per VAE method, shared by both lead settings
-    assert (tmp_path / "lsemvae" / "pretrain" / "model.pt").exists()
-    assert not (tmp_path / "lsemvae" / "6L" / "pretrain").exists()
-    folds6 = pd.read_csv(tmp_path / "lsemvae" / "6L" / "folds.csv")
-    folds_r = pd.read_csv(tmp_path / "resnet1d" / "6L" / "folds.csv")
+    rows = compare.run_comparison(tmp_path, ["lsemvae", "resnet1d", "betavae"], ["12L", "6L"], opts=opts)
+    assert len(rows) == 6
+    md = (tmp_path / "table2.md").read_text()
+    assert "LS-EMVAE" in md and "ResNet1d" in md and "6L" in md and "12L" in md and "YNTHETIC" in md
+    assert "*Unimodal*" in md and "*Multimodal*" in md and "✓" in md and "×" in md
+    assert "beta-VAE, 6L: – = one joint 12-channel encoder" in md  # a method that does not apply, with the reason
+    table = pd.read_csv(tmp_path / "table2.csv")
+    assert len(table) == 6 and set(table["leads"]) == {"6L", "12L"} and table["synthetic"].all()
+    # one pre-training per pre-trained method, shared by both lead settings
+    assert (tmp_path / "pretrain" / "lsemvae" / "model.pt").exists()
+    assert not (tmp_path / "ph" / "lsemvae" / "6L" / "pretrain").exists()
+    folds6 = pd.read_csv(tmp_path / "ph" / "lsemvae" / "6L" / "folds.csv")
+    folds_r = pd.read_csv(tmp_path / "ph" / "resnet1d" / "6L" / "folds.csv")
     assert folds6["fold"].equals(folds_r["fold"])  # same folds for every method
+    # a rerun reuses every finished cell; a changed config recomputes that cell only
+    again = compare.run_comparison(tmp_path, ["lsemvae", "resnet1d"], ["6L"], opts=opts)
+    assert [r["auroc_mean"] for r in again] == [
+        r["auroc_mean"] for r in rows if r["leads"] == "6L" and "note" not in r
+    ][:2]
+    stamp = (tmp_path / "ph" / "resnet1d" / "6L" / "cell.json").stat().st_mtime
+    compare.run_comparison(tmp_path, ["resnet1d"], ["6L"], opts=[*opts, "FINETUNE.SUPERVISED_EPOCHS", "1"])
+    assert (tmp_path / "ph" / "resnet1d" / "6L" / "cell.json").stat().st_mtime > stamp
 
 
 def test_command_line_options_may_follow_overrides():

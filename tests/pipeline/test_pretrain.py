@@ -219,3 +219,19 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     for p in ckpt.glob("*.ckpt"):
         p.write_bytes(b"")
     assert resumable_checkpoint(ckpt) is None
+
+
+def test_gate_diagnostics_are_written_per_epoch(tmp_path):
+    data = _TinyLeads()
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    run_pretraining(_model(), _objective(), data, tmp_path, _settings(epochs=2), build_args=args)
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "gate_diagnostics.csv")
+    assert sorted(table["epoch"].unique()) == [0, 1]
+    assert list(table[table["epoch"] == 0]["expert"]) == [*LEADS, "shared (PoE)"]
+    sums = table.groupby("epoch")["mean_weight"].sum()
+    assert np.allclose(sums, 1.0, atol=1e-4)  # every sample's weights sum to 1 over its present experts
+    assert (table["entropy_nats"] > 0).all() and (table["entropy_nats"] <= np.log(len(LEADS) + 1) + 1e-6).all()
+    logs = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    assert "gate/entropy" in logs and "train/balance" in logs

@@ -199,3 +199,21 @@ def test_extractor_on_the_project_models_when_present():
         assert signal.grad[0, 3].abs().sum() > 0
         fused = LatentFeatureExtractor(vae, six, mode="fused_mean").eval()(x, mask)
         assert fused.shape == (2, 4) and torch.isfinite(fused).all()
+
+
+def test_six_lead_fused_features_of_a_12_lead_model_equal_those_of_the_six_leads_alone():
+    """One head serves 12- and 6-lead input: masking six leads equals giving only the six named leads."""
+    from kale_ext.embed.zoo import build_model
+
+    torch.manual_seed(0)
+    leads12 = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+    vae = build_model("lsemvae", leads12, input_dim=48, latent_dim=5).eval()
+    x = torch.randn(3, 12, 48)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[:, :6] = True
+    x[:, 6:] = float("nan")  # whatever the absent channels hold
+    masked = LatentFeatureExtractor(vae, leads12, "fused_mean")(x, mask)
+    six = LatentFeatureExtractor(vae, leads12[:6], "fused_mean")(x[:, :6].clone())
+    torch.testing.assert_close(masked, six, atol=1e-6, rtol=1e-5)
+    full = LatentFeatureExtractor(vae, leads12, "fused_mean")(torch.randn(3, 12, 48))
+    assert masked.shape == full.shape == (3, 5)  # the same head width for both settings
