@@ -31,22 +31,18 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-try:  # optional dependency: the kernel bodies below only run through triton.jit
-    import triton
-    import triton.language as tl
-
-    constexpr = tl.constexpr
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-    class constexpr:  # noqa: N801 - stands in for tl.constexpr in the kernels' annotations
-        """Placeholder for ``triton.language.constexpr`` when triton is not installed."""
+# triton and triton.language are imported on first use (_ensure_built), not here: triton decides between its
+# compiler and its CPU interpreter when its own library functions are decorated, i.e. when triton is first
+# imported, so importing this module must not import it.
+triton = None
+tl = None
 
 
-# Raw kernel functions, wrapped with triton.jit on first use (see _ensure_built): triton decides between its
-# compiler and its interpreter when a function is decorated, so deferring the decoration lets TRITON_INTERPRET be
-# set after this module was imported.
+class constexpr:  # noqa: N801 - replaced by tl.constexpr in the kernels' annotations when they are built
+    """Stands in for ``triton.language.constexpr`` in the kernel signatures until triton is imported."""
+
+
+# Raw kernel functions, wrapped with triton.jit on first use (see _ensure_built).
 _RAW_KERNELS: dict[str, object] = {}
 _BUILT_MODE: list[bool | None] = [None]
 
@@ -76,12 +72,27 @@ def triton_available() -> bool:
 
 
 def _ensure_built() -> None:
+    global triton, tl
     if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton (Linux, CUDA) or use conv_impl 'conv'")
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError as err:
+            raise RuntimeError(
+                "triton is not installed; pip install triton (Linux with CUDA) or use conv_impl 'conv'"
+            ) from err
     mode = _interpreting()
     if _BUILT_MODE[0] is mode:
         return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if mode != isinstance(tl.sum, InterpretedFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after triton was imported; set it (1 = CPU interpreter) in the environment "
+            "before anything imports triton"
+        )
     for name, fn in _RAW_KERNELS.items():
+        fn.__annotations__ = {k: tl.constexpr if v is constexpr else v for k, v in fn.__annotations__.items()}
         globals()[name] = triton.jit(fn)
     _BUILT_MODE[0] = mode
 
@@ -692,8 +703,10 @@ def _dec_bwd_kernel(
 # Launchers and autograd functions.
 # ----------------------------------------------------------------------------------------------------------------
 
-# Programs a backward launch aims for (enough to fill a large GPU; per-program partial sums stay small).
+# Programs a backward launch aims for (enough to fill a large GPU; per-program partial sums stay small), and the
+# widest time tile. Read at each call: the tests lower them to reach several tiles and items at tiny sizes.
 _TARGET_PROGRAMS = 1024
+_MAX_BLOCK = 64
 
 
 def _halve(n: int) -> int:
@@ -701,7 +714,7 @@ def _halve(n: int) -> int:
 
 
 def _block(length: int, cap: int = 64) -> int:
-    return min(cap, max(16, _next_pow2(length)))
+    return min(cap, _MAX_BLOCK, max(16, _next_pow2(length)))
 
 
 def _enc_shapes(x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor]) -> tuple[int, ...]:
