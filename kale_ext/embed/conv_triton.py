@@ -38,8 +38,13 @@ triton = None
 tl = None
 
 
-class constexpr:  # noqa: N801 - replaced by tl.constexpr in the kernels' annotations when they are built
+class _ConstexprPlaceholder:
     """Stands in for ``triton.language.constexpr`` in the kernel signatures until triton is imported."""
+
+
+# The kernels annotate their compile-time arguments with this name; _ensure_built rebinds it to tl.constexpr (the
+# Triton compiler resolves annotations through the module globals).
+constexpr = _ConstexprPlaceholder
 
 
 # Raw kernel functions, wrapped with triton.jit on first use (see _ensure_built).
@@ -91,8 +96,11 @@ def _ensure_built() -> None:
             "TRITON_INTERPRET changed after triton was imported; set it (1 = CPU interpreter) in the environment "
             "before anything imports triton"
         )
+    globals()["constexpr"] = tl.constexpr
     for name, fn in _RAW_KERNELS.items():
-        fn.__annotations__ = {k: tl.constexpr if v is constexpr else v for k, v in fn.__annotations__.items()}
+        fn.__annotations__ = {
+            k: tl.constexpr if v is _ConstexprPlaceholder else v for k, v in fn.__annotations__.items()
+        }
         globals()[name] = triton.jit(fn)
     _BUILT_MODE[0] = mode
 
