@@ -17,13 +17,20 @@ Usage::
 
     python benchmarks/triton_kernels.py                  # paper size: 12 leads, T 5000, batch 256 and 1024
     python benchmarks/triton_kernels.py --small          # CPU, Triton interpreter, tiny sizes, float64 check
+    python benchmarks/triton_kernels.py --compile-check  # no GPU needed: compile every kernel for sm_90 (ptxas)
+
+``--compile-check`` runs Triton's real compiler down to a Hopper cubin on any machine (it needs no GPU) and prints
+the registers and spill bytes ptxas reports per kernel, for the tile widths and warp counts the launchers use
+(``conv_triton._LAUNCH``); exit status 1 if a kernel fails to compile.
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,6 +184,68 @@ def compare(reference: tuple[torch.Tensor, list[torch.Tensor]], got: tuple[torch
     return max([rel_err(got[0], reference[0])] + [rel_err(g, r) for g, r in zip(got[1], reference[1])])
 
 
+def compile_check() -> int:
+    """Compile every kernel variant for sm_90 (fp32/TF32 and bf16 operands) and print ptxas' register report."""
+    if conv_triton._interpreting():
+        print("unset TRITON_INTERPRET for --compile-check (it needs the real compiler)", flush=True)
+        return 2
+    conv_triton._ensure_built()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import _path_to_binary
+    from triton.compiler import ASTSource
+
+    ptxas = _path_to_binary("ptxas")[0]
+    launch = conv_triton._LAUNCH
+    enc = {"C1": 16, "C2": 32, "C3": 64}
+    dec = {"L": 12, "C1": 32, "C2": 16}
+    failed = False
+    for mode, half in ((conv_triton._TF32, "*fp32"), (conv_triton._BF16, "*bf16")):
+        variants = [
+            ("_enc_fwd_kernel", {**enc, "W": launch["enc_fwd"][0]}, launch["enc_fwd"][1], {"out_ptr": half}),
+            ("_enc_bwd_kernel", {**enc, "W": launch["enc_bwd"][0], "ITEMS": 16, "NEED_GX": True}, launch["enc_bwd"][1],
+             {"gout_ptr": half}),
+            ("_dec_fwd_kernel", {**dec, "W": launch["dec_fwd"][0], "SSE": False}, launch["dec_fwd"][1],
+             {"out_ptr": half}),
+            ("_dec_fwd_kernel", {**dec, "W": launch["dec_fwd"][0], "SSE": True}, launch["dec_fwd"][1],
+             {"mask_ptr": "*u8"}),
+            ("_dec_bwd_kernel", {**dec, "W": launch["dec_bwd"][0], "BCH": 8, "SSE": False}, launch["dec_bwd"][1],
+             {"gout_ptr": half}),
+            ("_dec_bwd_kernel", {**dec, "W": launch["dec_bwd"][0], "BCH": 8, "SSE": True}, launch["dec_bwd"][1],
+             {"mask_ptr": "*u8"}),
+        ]  # fmt: skip
+        for name, constants, warps, pointers in variants:
+            fn = getattr(conv_triton, name)
+            signature = {
+                p.name: pointers.get(p.name, "*fp32") if p.name.endswith("_ptr") else "i32"
+                for p in fn.params
+                if not p.is_constexpr
+            }
+            constants = {**constants, "MODE": mode}
+            start = time.perf_counter()
+            try:
+                kernel = triton.compile(
+                    ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+                )
+            except Exception as error:  # report every kernel, then fail
+                print(f"{name} {constants}: FAILED {type(error).__name__}: {error}", flush=True)
+                failed = True
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(kernel.asm["ptx"])
+                ptx.flush()
+                report = subprocess.run(
+                    [ptxas, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull], capture_output=True, text=True
+                ).stderr
+            info = "; ".join(line.split(":", 1)[-1].strip() for line in report.splitlines() if "Used" in line)
+            spill = "; ".join(line.strip() for line in report.splitlines() if "spill" in line)
+            print(
+                f"{name:>16} {constants} warps={warps}: {time.perf_counter() - start:5.1f} s  {info}  {spill}",
+                flush=True,
+            )
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, time and check every kernel; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -188,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small", action="store_true", help="CPU, Triton interpreter, tiny sizes, float64 check")
+    parser.add_argument("--compile-check", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.compile_check:
+        return compile_check()
     args.repeats = max(3, args.repeats)
     if args.small:
         args.batch, args.leads, args.input_dim, args.dtypes = "2", 2, 100, "fp64"

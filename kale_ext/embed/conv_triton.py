@@ -715,13 +715,18 @@ def _dec_bwd_kernel(
 # widest time tile. Read at each call: the tests lower them to reach several tiles and items at tiny sizes.
 _TARGET_PROGRAMS = 1024
 _MAX_BLOCK = 64
+# (widest time tile, num_warps) per kernel. Chosen from ptxas' register report for sm_90 (see
+# benchmarks/triton_kernels.py --compile-check): the forwards fit without spills at 64 x 8 warps (130-174 registers);
+# the backwards hold their weight-gradient accumulators for the whole loop and use 255 registers at tile 16, with
+# small spills (encoder 164 B bf16 / 524 B TF32, decoder SSE 88-192 B, decoder tail none).
+_LAUNCH = {"enc_fwd": (64, 8), "enc_bwd": (16, 8), "dec_fwd": (64, 8), "dec_bwd": (16, 4)}
 
 
 def _halve(n: int) -> int:
     return (n - 1) // 2 + 1
 
 
-def _block(length: int, cap: int = 64) -> int:
+def _block(length: int, cap: int) -> int:
     return min(cap, _MAX_BLOCK, max(16, _next_pow2(length)))
 
 
@@ -747,32 +752,36 @@ def _enc_shapes(x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor]) -
 
 class _EncoderConvStack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, mode, out_dtype):  # noqa: D102 - see encoder_conv_stack
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, mode, out_dtype):
+        """Launch the fused forward; saves only the inputs (see encoder_conv_stack)."""
         batch, leads, length = x.shape
         c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
         t1 = _halve(length)
         t2 = _halve(t1)
         t3 = _halve(t2)
         out = torch.empty(leads, batch, c3 * t3, dtype=out_dtype, device=x.device)
-        block = _block(t3)
+        cap, warps = _LAUNCH["enc_fwd"]
+        block = _block(t3, cap)
         grid = (_cdiv(t3, block), batch, leads)
         _enc_fwd_kernel[grid](
             x, w1, b1, w2, b2, w3, b3, out, batch, leads, length, t1, t2, t3,
-            C1=c1, C2=c2, C3=c3, W=block, MODE=mode, num_warps=4,
+            C1=c1, C2=c2, C3=c3, W=block, MODE=mode, num_warps=warps,
         )  # fmt: skip
         ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3)
         ctx.mode = mode
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
+        """Recompute the activations on chip and return the gradients of the inputs."""
         x, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
         batch, leads, length = x.shape
         c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
         t1 = _halve(length)
         t2 = _halve(t1)
         t3 = _halve(t2)
-        block = _block(t3, cap=32)
+        cap, warps = _LAUNCH["enc_bwd"]
+        block = _block(t3, cap)
         n_tiles = _cdiv(t3, block)
         items = batch * n_tiles
         items_per_program = _next_pow2(_cdiv(items * leads, _TARGET_PROGRAMS))
@@ -789,7 +798,7 @@ class _EncoderConvStack(torch.autograd.Function):
         _enc_bwd_kernel[(leads, splits)](
             x, w1, b1, w2, b2, w3, b3, grad_out.contiguous(), gx_buf, pw1, pb1, pw2, pb2, pw3, pb3,
             batch, leads, length, t1, t2, t3, n_tiles, splits,
-            C1=c1, C2=c2, C3=c3, W=block, ITEMS=items_per_program, NEED_GX=need_gx, MODE=ctx.mode, num_warps=8,
+            C1=c1, C2=c2, C3=c3, W=block, ITEMS=items_per_program, NEED_GX=need_gx, MODE=ctx.mode, num_warps=warps,
         )  # fmt: skip
         gx = None
         if need_gx:
@@ -854,20 +863,22 @@ def _dec_shapes(h1: Tensor, lead: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3
 
 def _dec_forward(h1, lead, w2, b2, w3, b3, length, mode, out, target, mask, sse):
     batch, leads, c1, c2, t1 = h1.shape[0], lead.shape[0], h1.shape[1], w2.shape[1], h1.shape[2]
-    block = _block(t1)
+    cap, warps = _LAUNCH["dec_fwd"]
+    block = _block(t1, cap)
     n_tiles = _cdiv(t1, block)
     dummy = h1
     _dec_fwd_kernel[(n_tiles, batch)](
         h1, lead, w2, b2, w3, b3, out if out is not None else dummy, target if target is not None else dummy,
         mask if mask is not None else dummy, sse if sse is not None else dummy,
         batch, t1, length, min(length, 4 * t1), n_tiles,
-        L=leads, C1=c1, C2=c2, W=block, SSE=sse is not None, MODE=mode, num_warps=4,
+        L=leads, C1=c1, C2=c2, W=block, SSE=sse is not None, MODE=mode, num_warps=warps,
     )  # fmt: skip
 
 
 def _dec_backward(h1, lead, w2, b2, w3, b3, length, mode, grad_out, target, mask, grad_sse):
     batch, leads, c1, c2, t1 = h1.shape[0], lead.shape[0], h1.shape[1], w2.shape[1], h1.shape[2]
-    block = _block(t1, cap=32)
+    cap, warps = _LAUNCH["dec_bwd"]
+    block = _block(t1, cap)
     n_tiles = _cdiv(t1, block)
     chunks = max(1, min(batch, _cdiv(_TARGET_PROGRAMS, n_tiles)))
     per_chunk = _next_pow2(_cdiv(batch, chunks))
@@ -887,7 +898,7 @@ def _dec_backward(h1, lead, w2, b2, w3, b3, length, mode, grad_out, target, mask
         target if sse else dummy, mask if sse else dummy, grad_sse if sse else dummy,
         gh1, glead_part, pw2, pb2, pw3, pb3,
         batch, t1, length, min(length, 4 * t1), n_tiles,
-        L=leads, C1=c1, C2=c2, W=block, BCH=per_chunk, SSE=sse, MODE=mode, num_warps=4,
+        L=leads, C1=c1, C2=c2, W=block, BCH=per_chunk, SSE=sse, MODE=mode, num_warps=warps,
     )  # fmt: skip
     gw2 = pw2.sum(0).permute(1, 2, 0).to(w2.dtype)
     gw3 = pw3.sum(0).t().unsqueeze(1).to(w3.dtype)
@@ -903,7 +914,8 @@ def _dec_backward(h1, lead, w2, b2, w3, b3, length, mode, grad_out, target, mask
 
 class _DecoderTail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h1, lead, w2, b2, w3, b3, length, mode, out_dtype):  # noqa: D102 - see decoder_tail
+    def forward(ctx, h1, lead, w2, b2, w3, b3, length, mode, out_dtype):
+        """Launch the fused forward; saves only the inputs (see decoder_tail)."""
         batch, leads, t1 = h1.shape[0], lead.shape[0], h1.shape[2]
         alloc = torch.zeros if length > 4 * t1 else torch.empty
         out = alloc(batch, leads, length, dtype=out_dtype, device=h1.device)
@@ -913,7 +925,8 @@ class _DecoderTail(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
+        """Recompute the activations on chip and return the gradients of the inputs."""
         h1, lead, w2, b2, w3, b3 = ctx.saved_tensors
         grads = _dec_backward(h1, lead, w2, b2, w3, b3, ctx.length, ctx.mode, grad_out.contiguous(), None, None, None)
         return (*grads, None, None, None)
@@ -921,10 +934,11 @@ class _DecoderTail(torch.autograd.Function):
 
 class _DecoderTailSSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h1, lead, w2, b2, w3, b3, target, mask, mode):  # noqa: D102 - see decoder_tail_sse
+    def forward(ctx, h1, lead, w2, b2, w3, b3, target, mask, mode):
+        """Launch the fused forward (no reconstruction written); saves the inputs (see decoder_tail_sse)."""
         batch, leads, t1 = h1.shape[0], lead.shape[0], h1.shape[2]
         length = target.shape[2]
-        block = _block(t1)
+        block = _block(t1, _LAUNCH["dec_fwd"][0])
         partial = torch.empty(batch, leads, _cdiv(t1, block), dtype=torch.float32, device=h1.device)
         mask_u8 = mask.to(torch.uint8).contiguous()
         _dec_forward(h1, lead, w2, b2, w3, b3, length, mode, None, target, mask_u8, partial)
@@ -936,7 +950,8 @@ class _DecoderTailSSE(torch.autograd.Function):
         return torch.where(mask, sse, torch.zeros_like(sse))
 
     @staticmethod
-    def backward(ctx, grad_sse):  # noqa: D102
+    def backward(ctx, grad_sse):
+        """Recompute the reconstruction on chip and return the gradients of the inputs."""
         h1, lead, w2, b2, w3, b3, target, mask_u8 = ctx.saved_tensors
         grads = _dec_backward(
             h1, lead, w2, b2, w3, b3, target.shape[2], ctx.mode, None, target, mask_u8,
