@@ -812,6 +812,7 @@ class _EncoderConvStack(torch.autograd.Function):
         return gx, gw1, pb1.sum(1).to(b1.dtype), gw2, pb2.sum(1).to(b2.dtype), gw3, pb3.sum(1).to(b3.dtype), None, None
 
 
+@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def encoder_conv_stack(
     x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor], allow_tf32: bool | None = None
 ) -> Tensor:
@@ -967,6 +968,7 @@ def _dec_prepare(h1: Tensor, lead: Tensor, params: Sequence[Tensor], allow_tf32:
     return dtype, _dot_mode(dtype, allow_tf32), [p.contiguous() for p in (h1, lead, *params)]
 
 
+@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def decoder_tail(
     h1: Tensor,
     lead: Tensor,
@@ -999,6 +1001,7 @@ def decoder_tail(
     return _DecoderTail.apply(*args, int(output_dim), mode, dtype)
 
 
+@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def decoder_tail_sse(
     h1: Tensor,
     lead: Tensor,
