@@ -1,24 +1,33 @@
 """Fused Triton kernels for the lead encoders' convolution stack and the shared decoder's tail.
 
-Two fused paths, each a ``torch.autograd.Function`` whose forward is one Triton kernel and whose backward recomputes
-the intermediate activations on chip from the inputs (nothing but the inputs is saved):
+Two fused paths, each a ``torch.autograd.Function`` whose forward is one Triton kernel and whose backward is one
+more, recomputing the intermediate activations on chip from the inputs (only the inputs are saved):
 
-- :func:`encoder_conv_stack`: the three Conv1d + ReLU layers of :class:`~kale_ext.embed.signal_cnn.
-  LeadwiseSignalVAEEncoder` (1 -> 16 -> 32 -> 64, kernel 3, stride 2, padding 1), same numbers and layout as its
-  ``_features_conv``. A program computes one (lead, sample, tile of ``W`` output times); the output time ``t`` of the
-  last layer needs layer-2 outputs at ``2t + d`` (``d`` in -1, 0, 1), layer-1 outputs at ``4t + e`` (``e`` in -3..3)
-  and inputs at ``8t + o`` (``o`` in -7..7). Each of these shifted copies is computed directly as a (channels, W)
-  tile, so the intermediates never leave the chip and no register gather is needed (about 1.2x the layer MACs).
+- :func:`encoder_conv_stack`: the three Conv1d + ReLU layers of
+  :class:`~kale_ext.embed.signal_cnn.LeadwiseSignalVAEEncoder` (1 -> 16 -> 32 -> 64, kernel 3, stride 2, padding 1),
+  same numbers and layout as its ``_features_conv``. A forward program computes one (tile of ``W`` output times,
+  sample, lead); output time ``t`` of the last layer needs layer-2 outputs at ``2t + d`` (``d`` in -1..1), layer-1
+  outputs at ``4t + e`` (``e`` in -3..3) and inputs at ``8t + o`` (``o`` in -7..7). Each shifted copy is computed
+  directly as a (channels, W) tile, so nothing but the features leaves the chip and no register gather is needed
+  (about 1.2x the layer MACs). Backward programs own (lead, run of (sample, tile) items), keep the weight gradients
+  in registers over their run and write one partial sum each (reduced in torch); the input gradient of shift ``o``
+  is written to a (L, B, 15, T/8) buffer and the shifts are summed in torch (deterministic, no atomics).
 - :func:`decoder_tail` / :func:`decoder_tail_sse`: the last two transposed convolutions of
   :class:`~kale_ext.embed.signal_cnn.SharedLeadDecoder` in lead mode, from the per-sample first-layer output and the
-  per-lead term; ``decoder_tail_sse`` returns the masked summed squared error against a target and never writes the
-  reconstruction (the backward recomputes it).
+  per-lead term; a forward program owns (tile of first-layer positions, sample) and loops over the leads.
+  ``decoder_tail_sse`` returns the masked summed squared error against a target and never writes the
+  reconstruction. Backward programs own (tile, run of samples): each computes the full gradient of its positions
+  (the output gradient, or the recomputed residual, is read on a halo of 3 + 3 samples), sums the ``h1`` gradient
+  over leads in registers and adds the ``lead`` gradient into a per-run partial buffer.
 
 Matrix products run with ``tl.dot`` on bf16/fp16 operands when the inputs (or the autocast dtype) are bf16/fp16, and
 on fp32 operands (TF32 following ``torch.backends.cudnn.allow_tf32`` unless ``allow_tf32`` is given) otherwise;
-every sum accumulates in fp32. Triton is optional: this module imports without it, and the kernels are built on
-first use, so ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) is honoured whenever it is set
-before the first call. See ``tests/embed/test_conv_triton.py`` and ``benchmarks/triton_kernels.py``.
+every sum accumulates in fp32, and the elementwise layers (the first conv, biases, ReLUs) run in fp32. The public
+functions run eagerly inside ``torch.compile`` (a graph break around the kernels).
+
+Triton is optional and imported on first use, never at import: triton picks its compiler or its CPU interpreter
+(``TRITON_INTERPRET=1``, used by the tests, slow) when it is first imported, so that variable must be set before
+anything imports triton. See ``tests/embed/test_conv_triton.py`` and ``benchmarks/triton_kernels.py``.
 """
 
 import importlib.util
@@ -50,6 +59,7 @@ constexpr = _ConstexprPlaceholder
 # Raw kernel functions, wrapped with triton.jit on first use (see _ensure_built).
 _RAW_KERNELS: dict[str, object] = {}
 _BUILT_MODE: list[bool | None] = [None]
+_EAGER: dict[str, object] = {}
 
 # Dot-product operand modes (constexpr MODE of the kernels).
 _IEEE, _TF32, _BF16, _FP16, _BF16_EMULATED, _FP16_EMULATED = 0, 1, 2, 3, 4, 5
@@ -812,7 +822,6 @@ class _EncoderConvStack(torch.autograd.Function):
         return gx, gw1, pb1.sum(1).to(b1.dtype), gw2, pb2.sum(1).to(b2.dtype), gw3, pb3.sum(1).to(b3.dtype), None, None
 
 
-@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def encoder_conv_stack(
     x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor], allow_tf32: bool | None = None
 ) -> Tensor:
@@ -834,6 +843,12 @@ def encoder_conv_stack(
         (L, B, C3 * ceil(T / 8)) features, index ``c * ceil(T / 8) + t`` per lead; dtype float32, or the autocast
         dtype / the input's half dtype.
     """
+    return _eager(_encoder_conv_stack_impl)(x, conv_w, conv_b, allow_tf32)
+
+
+def _encoder_conv_stack_impl(
+    x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor], allow_tf32: bool | None = None
+) -> Tensor:
     _enc_shapes(x, conv_w, conv_b)
     _check_device(x)
     _ensure_built()
@@ -841,6 +856,15 @@ def encoder_conv_stack(
     mode = _dot_mode(dtype, allow_tf32)
     params = [p.contiguous() for pair in zip(conv_w, conv_b) for p in pair]
     return _EncoderConvStack.apply(x.contiguous(), *params, mode, dtype)
+
+
+def _eager(fn):
+    # Run fn eagerly inside torch.compile'd code (a graph break around the kernels). torch.compiler.disable imports
+    # torch._dynamo, which imports triton, so the wrapper is made at the first call, not at import (see above).
+    wrapped = _EAGER.get(fn.__name__)
+    if wrapped is None:
+        wrapped = _EAGER[fn.__name__] = torch.compiler.disable(fn)
+    return wrapped
 
 
 def _dec_shapes(h1: Tensor, lead: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[int, ...]:
@@ -968,7 +992,6 @@ def _dec_prepare(h1: Tensor, lead: Tensor, params: Sequence[Tensor], allow_tf32:
     return dtype, _dot_mode(dtype, allow_tf32), [p.contiguous() for p in (h1, lead, *params)]
 
 
-@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def decoder_tail(
     h1: Tensor,
     lead: Tensor,
@@ -996,12 +1019,24 @@ def decoder_tail(
     Returns:
         (B, L, T) reconstructions; float32, or the autocast dtype / the half dtype of ``h1``.
     """
+    return _eager(_decoder_tail_impl)(h1, lead, w2, b2, w3, b3, output_dim, allow_tf32)
+
+
+def _decoder_tail_impl(
+    h1: Tensor,
+    lead: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    w3: Tensor,
+    b3: Tensor,
+    output_dim: int,
+    allow_tf32: bool | None = None,
+) -> Tensor:
     _dec_shapes(h1, lead, w2, b2, w3, b3)
     dtype, mode, args = _dec_prepare(h1, lead, (w2, b2, w3, b3), allow_tf32)
     return _DecoderTail.apply(*args, int(output_dim), mode, dtype)
 
 
-@torch.compiler.disable  # eager inside torch.compile'd models: a graph break around the kernels
 def decoder_tail_sse(
     h1: Tensor,
     lead: Tensor,
@@ -1029,6 +1064,20 @@ def decoder_tail_sse(
     Returns:
         (B, L) float32 summed squared errors.
     """
+    return _eager(_decoder_tail_sse_impl)(h1, lead, w2, b2, w3, b3, target, mask, allow_tf32)
+
+
+def _decoder_tail_sse_impl(
+    h1: Tensor,
+    lead: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    w3: Tensor,
+    b3: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    allow_tf32: bool | None = None,
+) -> Tensor:
     batch, leads, _, _, _ = _dec_shapes(h1, lead, w2, b2, w3, b3)
     if target.dim() != 3 or target.shape[:2] != (batch, leads):
         raise ValueError(f"target must be (batch={batch}, leads={leads}, T); got {tuple(target.shape)}")

@@ -99,8 +99,9 @@ def test_encoder_conv_stack_matches_leadwise_encoder():
     enc = LeadwiseSignalVAEEncoder(3, 90, 8, conv_impl="conv").to(DEVICE)
     x = torch.randn(2, 3, 90, device=DEVICE)
     with torch.no_grad():
-        ref = enc._features_conv(x, list(enc.conv_weights), list(enc.conv_biases))
         out = ct.encoder_conv_stack(x, list(enc.conv_weights), list(enc.conv_biases), allow_tf32=False)
+        enc.double()  # float64 reference (no TF32 on a GPU)
+        ref = enc._features_conv(x.double(), list(enc.conv_weights), list(enc.conv_biases))
     assert out.shape == ref.shape == (3, 2, enc.flat_dim)
     assert _rel_err(out, ref) < REL_TOL
 
@@ -229,11 +230,13 @@ def test_decoder_tail_matches_shared_lead_decoder():
     dec = SharedLeadDecoder(3, 45, 8, mode="lead", conv_impl="conv").to(DEVICE)
     z = torch.randn(2, 8, device=DEVICE)
     with torch.no_grad():
-        ref = dec(z)
-        h1 = dec._layer(0, dec._unflatten(dec.fc(z), "conv"), "conv")
+        dec.double()  # float64 first layer and reference (no TF32 on a GPU); the kernel reads float32 copies
+        ref = dec(z.double())
+        h1 = dec._layer(0, dec._unflatten(dec.fc(z.double()), "conv"), "conv")
         lead = dec._layer(0, dec._unflatten(F.linear(dec.lead_embedding, dec.fc.weight), "conv"), "conv", bias=False)
         d2, d3 = dec.deconvs[1], dec.deconvs[2]
-        out = ct.decoder_tail(h1, lead, d2.weight, d2.bias, d3.weight, d3.bias, dec.output_dim, allow_tf32=False)
+        params = [t.float() for t in (h1, lead, d2.weight, d2.bias, d3.weight, d3.bias)]
+        out = ct.decoder_tail(*params, dec.output_dim, allow_tf32=False)
     assert out.shape == ref.shape == (2, 3, 45)
     assert _rel_err(out, ref) < REL_TOL
 
