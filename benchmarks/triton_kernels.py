@@ -184,8 +184,15 @@ def compare(reference: tuple[torch.Tensor, list[torch.Tensor]], got: tuple[torch
     return max([rel_err(got[0], reference[0])] + [rel_err(g, r) for g, r in zip(got[1], reference[1])])
 
 
-def compile_check() -> int:
-    """Compile every kernel variant for sm_90 (fp32/TF32 and bf16 operands) and print ptxas' register report."""
+def compile_check(only: str = "") -> int:
+    """Compile every kernel variant for sm_90 (fp32/TF32 and bf16 operands) and print ptxas' register report.
+
+    Args:
+        only: compile only the kernels whose name contains this string.
+
+    Returns:
+        exit status: 0 when every kernel compiled, 1 otherwise.
+    """
     if conv_triton._interpreting():
         print("unset TRITON_INTERPRET for --compile-check (it needs the real compiler)", flush=True)
         return 2
@@ -215,6 +222,8 @@ def compile_check() -> int:
              {"mask_ptr": "*u8"}),
         ]  # fmt: skip
         for name, constants, warps, pointers in variants:
+            if only not in name:
+                continue
             fn = getattr(conv_triton, name)
             signature = {
                 p.name: pointers.get(p.name, "*fp32") if p.name.endswith("_ptr") else "i32"
@@ -258,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small", action="store_true", help="CPU, Triton interpreter, tiny sizes, float64 check")
     parser.add_argument("--compile-check", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
+    parser.add_argument("--only", default="", help="with --compile-check: kernels whose name contains this")
     args = parser.parse_args(argv)
     if args.compile_check:
-        return compile_check()
+        return compile_check(args.only)
     args.repeats = max(3, args.repeats)
     if args.small:
         args.batch, args.leads, args.input_dim, args.dtypes = "2", 2, 100, "fp64"
