@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check of the fused Triton kernels (kale_ext/embed/conv_triton.py), as one prepared run on a CUDA machine:
+#   1. the kernel tests with the real Triton compiler (tests/embed/test_conv_triton.py on the GPU),
+#   2. benchmarks/triton_kernels.py (paper size: fused kernels vs the torch paths, fp32 and bf16, batch 256/1024),
+#   3. benchmarks/pretrain_throughput.py with its default flags (the end-to-end pre-training step).
+# Needs no network: torch (with triton) preinstalled; pytest and pykale are used when present.
+# Logs go to $OUT (or ./gpu_check_out): env.log, tests.log, triton_kernels.log, pretrain_throughput.log and
+# summary.txt (one line per stage with its exit status and seconds). Exit status 1 if any stage failed.
+# Each stage has a time limit (seconds, override with TESTS_TIMEOUT, BENCH_TIMEOUT, PRETRAIN_TIMEOUT) so the whole
+# script ends within about 9.5 minutes; BENCH_ARGS and PRETRAIN_ARGS add flags to stages 2 and 3.
+#
+# Usage, from anywhere:  bash benchmarks/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.." || exit 2
+out_dir="${OUT:-gpu_check_out}"
+mkdir -p "$out_dir"
+py="${PYTHON:-python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+unset TRITON_INTERPRET  # the real compiler
+status=0
+: >"$out_dir/summary.txt"
+
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local start rc
+    start=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$out_dir/summary.txt"
+    timeout --kill-after=10 "$limit" "$@" >"$out_dir/$name.log" 2>&1
+    rc=$?
+    tail -n 60 "$out_dir/$name.log"
+    echo "=== $name: rc=$rc in $(($(date +%s) - start)) s" | tee -a "$out_dir/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi not found"
+    "$py" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
+torch.version.cuda, 'available', torch.cuda.is_available(),
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    "$py" -c "import triton; print('triton', triton.__version__)" 2>&1
+    "$py" -c "import pytest; print('pytest', pytest.__version__)" 2>&1
+    "$py" -c "import kale; print('pykale present')" 2>&1 | tail -n 1
+} >"$out_dir/env.log" 2>&1
+cat "$out_dir/env.log"
+
+if "$py" -c "import pytest" 2>/dev/null; then
+    stage tests "${TESTS_TIMEOUT:-180}" "$py" -m pytest -q -x -p no:cacheprovider tests/embed/test_conv_triton.py
+else
+    echo "=== tests: skipped, pytest is not installed" | tee -a "$out_dir/summary.txt"
+fi
+# shellcheck disable=SC2086  # word splitting of the extra flags is intended
+stage triton_kernels "${BENCH_TIMEOUT:-180}" "$py" benchmarks/triton_kernels.py ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
+stage pretrain_throughput "${PRETRAIN_TIMEOUT:-200}" "$py" benchmarks/pretrain_throughput.py ${PRETRAIN_ARGS:-}
+
+cat "$out_dir/summary.txt"
+exit "$status"
