@@ -43,12 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kale_ext.embed import conv_triton  # noqa: E402
-from kale_ext.embed.signal_cnn import (  # noqa: E402
-    LeadwiseSignalVAEEncoder,
-    SharedLeadDecoder,
-    _block_diagonal_transposed,
-    conv_output_length,
-)
+from kale_ext.embed.conv_ops import block_diagonal_transposed, conv_output_length, fit_length  # noqa: E402
+from kale_ext.embed.signal_cnn import LeadwiseSignalVAEEncoder, SharedLeadDecoder  # noqa: E402
 
 # Max relative error (max abs error / max abs reference) allowed per compute dtype against the grouped torch path.
 TOLERANCE = {"fp64": 1e-5, "fp32": 2e-2, "bf16": 6e-2}
@@ -142,13 +138,13 @@ class DecoderCase:
             h = h.contiguous(memory_format=torch.channels_last)
             for i in (1, 2):
                 deconv = self.dec.deconvs[i]
-                w = _block_diagonal_transposed(deconv.weight, leads).unsqueeze(2)
+                w = block_diagonal_transposed(deconv.weight, leads).unsqueeze(2)
                 h = F.conv_transpose2d(F.relu(h), w, deconv.bias.repeat(leads), stride=(1, 2), padding=(0, 1))
-            return self.dec._fit_length(h.reshape(batch, leads, -1))
+            return fit_length(h.reshape(batch, leads, -1), self.dec.output_dim)
         h = (self.h1.unsqueeze(1) + lead.unsqueeze(0)).flatten(0, 1)
         for i in (1, 2):
             h = self.dec._layer(i, F.relu(h), "conv")
-        return self.dec._fit_length(self.dec._flatten(h)).view(batch, leads, length)
+        return fit_length(self.dec._flatten(h), self.dec.output_dim).view(batch, leads, length)
 
     def sse(self, impl: str) -> torch.Tensor:
         """Masked SSE (B, L) by ``impl``."""

@@ -1,9 +1,15 @@
 """Shared fixtures: the real ECG records beside the checkout and deterministic torch settings."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (Lightning or torch.compile may import it before the kernel tests):
+    # without a GPU the fused kernels run in Triton's CPU interpreter (tests/embed/test_conv_triton.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ECG = REPO_ROOT.parent / "shared" / "data" / "ecg"

@@ -516,7 +516,19 @@ def load_cfg(cfg_files: list[str] | None = None, opts: list[str] | None = None) 
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
-        cfg.merge_from_list(list(opts))
+        pairs = []
+        for key, value in zip(opts[::2], opts[1::2]):
+            try:
+                default = _get(cfg, key)
+            except KeyError as err:
+                raise ValueError(f"{key} is not a configuration key; see examples/lsemvae_ph/config.py") from err
+            # Text keys (FINETUNE.THRESHOLD youden|0.7, TASK.LABEL, paths) keep a value that looks like a number.
+            pairs += [key, repr(str(value)) if isinstance(default, str) else value]
+            try:
+                cfg.merge_from_list(pairs[-2:])
+            except ValueError as err:
+                kind = type(default).__name__
+                raise ValueError(f"{key} = {value!r} has the wrong type: use a {kind} like {default!r}") from err
     validate_cfg(cfg)
     cfg.freeze()
     return cfg

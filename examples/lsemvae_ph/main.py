@@ -19,6 +19,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +32,7 @@ from config import STAGES, get_cfg_defaults, load_cfg  # noqa: E402, F401 - get_
 from layout import SYNTHETIC_NOTE, RunLayout  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
+from kale_ext.utils.console import TqdmLoggingHandler  # noqa: E402
 from kale_ext.utils.distributed import global_rank  # noqa: E402
 
 logger = logging.getLogger("lsemvae_ph")
@@ -45,18 +47,14 @@ def setup_logging(run: RunLayout) -> None:
         root.removeHandler(handler)  # a new run (e.g. in a comparison) logs to its own run.log
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.out / "run.log")):
+    for handler in (TqdmLoggingHandler(), logging.FileHandler(run.out / "run.log")):
         handler.setFormatter(fmt)
         handler._lsemvae = True
         root.addHandler(handler)
     root.setLevel(logging.INFO)
-    if run.synthetic:
-        logger.info(SYNTHETIC_NOTE)
-    else:
-        cfg = run.cfg
-        src = cfg.DATASET.PRETRAIN_SOURCE or cfg.DATASET.FINETUNE_SOURCE
-        logger.info("data: fine-tuning %s, labels %s, pre-training %s", cfg.DATASET.FINETUNE_SOURCE,
-                    cfg.DATASET.LABELS_CSV, src)  # fmt: skip
+    d = run.cfg.DATASET
+    src = f"data: fine-tuning {d.FINETUNE_SOURCE}, labels {d.LABELS_CSV}, pre-training {d.PRETRAIN_SOURCE or '='}"
+    logger.info(SYNTHETIC_NOTE if run.synthetic else src)
 
 
 def run(cfg: CfgNode, stage: str = "all") -> dict | None:
@@ -96,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cfg", action="append", default=[], help="config path or name in configs/ (repeatable)")
     parser.add_argument("--stage", default="all", help=f"one of: {', '.join(STAGES)}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, rest = parser.parse_known_args(argv)
     unknown = [word for word in rest if word.startswith("--")]
     if unknown:
@@ -116,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
     start = time.time()
-    summary = run(cfg, args.stage)
+    try:
+        summary = run(cfg, args.stage)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(err).strip() or type(err).__name__
+        print(f"error: {message}" + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
     if summary is not None:
         layout = RunLayout.from_cfg(cfg)
         auroc, tag = summary["auroc"], " [SYNTHETIC DATA]" if layout.synthetic else ""

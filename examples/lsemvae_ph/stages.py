@@ -443,6 +443,19 @@ def write_output_readme(run: RunLayout, summary: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # predict
 # ---------------------------------------------------------------------------------------------------------------------
+def positive_class(run: RunLayout) -> str:
+    """What a prediction of 1 means, in words (for the provenance of scores)."""
+    cfg, task = run.cfg, run.cfg.TASK
+    if cfg.DATASET.LABEL_COLUMN:
+        return f"{cfg.DATASET.LABEL_COLUMN} = 1"
+    return {
+        "ph": f"{task.MPAP_COLUMN} > {task.MPAP_THRESHOLD:g} mmHg (pulmonary hypertension)",
+        "phenotype": f"{task.PAWP_COLUMN} > {task.PAWP_THRESHOLD:g} mmHg among {task.MPAP_COLUMN} > "
+        f"{task.MPAP_THRESHOLD:g} mmHg (post-capillary PH)",
+        "pawp": f"{task.PAWP_COLUMN} > {task.PAWP_THRESHOLD:g} mmHg (elevated PAWP)",
+    }[task.NAME]
+
+
 def stage_predict(run: RunLayout) -> pd.DataFrame:
     """Score new WFDB records with the fold models: mean probability over folds, threshold = mean fold threshold.
 
@@ -461,7 +474,12 @@ def stage_predict(run: RunLayout) -> pd.DataFrame:
     has_records = (cache / "signals.npy").exists() and len(pd.read_csv(cache / "index.csv")) > 0
     data = ECGLeadDataset(cache, leads=run.leads) if has_records else None
     classifiers = [artifacts.load_fold_classifier(run.finetune_dir, int(k)) for k in fold_thresholds.index]
-    table = score_records(classifiers, data, run.leads, float(fold_thresholds.mean()), qc=qc)
+    provenance = {
+        "method": run.method_label, "model": cfg.MODEL.NAME, "task": run.task, "positive_class": positive_class(run),
+        "leads": lead_tag(run.leads), "trained_on": "synthetic" if run.synthetic else "real",
+        "synthetic_training_data": run.synthetic, "finetune_dir": str(run.finetune_dir),
+    }  # fmt: skip
+    table = score_records(classifiers, data, run.leads, float(fold_thresholds.mean()), qc=qc, provenance=provenance)
     out_csv = Path(cfg.PREDICT.OUT_CSV) if cfg.PREDICT.OUT_CSV else run.predict_dir / "scores.csv"
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)

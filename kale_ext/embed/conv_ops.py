@@ -3,7 +3,10 @@
 The per-lead convolutions of :mod:`kale_ext.embed.signal_cnn` can run as grouped ``Conv1d`` (``"conv"``),
 height-1 channels-last grouped ``Conv2d`` (``"conv2d"``), channels-last batched matrix products (``"matmul"``) or
 dense channels-last ``Conv2d`` with block-diagonal weights (``"blockdiag"``: the grouped maths plus exact zeros, so
-cuDNN's dense tensor-core kernels replace its grouped ones). ``"auto"`` picks per device (``resolve_conv_impl``).
+cuDNN's dense tensor-core kernels replace its grouped ones) or fused Triton kernels (``"triton"``,
+:mod:`kale_ext.embed.conv_triton`: the encoder's three convolutions of every lead in one kernel, and the decoder's
+last two transposed convolutions, each recomputing its activations on chip in the backward pass). ``"auto"`` picks
+per device (``resolve_conv_impl``).
 Every strategy shares the parameters and the state dict; ``tests/embed/test_signal_cnn.py`` checks they agree.
 The strategy is chosen by ``MODEL.CONV_IMPL`` in the example's configuration.
 """
@@ -16,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CONV_IMPLS = ("auto", "conv", "conv2d", "matmul", "blockdiag")
+from kale_ext.embed.conv_triton import triton_available
+
+CONV_IMPLS = ("auto", "conv", "conv2d", "matmul", "blockdiag", "triton")
 
 
 def conv_output_length(length: int, num_layers: int = 3) -> int:
@@ -45,7 +50,8 @@ def uniform_init_(tensor: Tensor, fan_in: int) -> Tensor:
 def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
     """The implementation that ``conv_impl`` stands for on ``device``.
 
-    ``"auto"`` is ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x the grouped form uncompiled and 2.2x with
+    ``"auto"`` is ``"triton"`` on CUDA when Triton is installed (fused kernels, :mod:`kale_ext.embed.conv_triton`),
+    else ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x the grouped form uncompiled and 2.2x with
     ``torch.compile`` on an H200, see docs/models.md) and ``"conv"`` elsewhere (grouped kernels are the fastest on
     CPU). Every other value stands for itself. All implementations share the parameters and the maths.
 
@@ -58,7 +64,9 @@ def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
     """
     if conv_impl != "auto":
         return conv_impl
-    return "blockdiag" if device.type == "cuda" else "conv"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "blockdiag"
+    return "conv"
 
 
 def check_conv_impl(conv_impl: str) -> None:

@@ -42,6 +42,7 @@ from kale_ext.embed.conv_ops import (
     transposed_conv_matmul,
     uniform_init_,
 )
+from kale_ext.embed.conv_triton import decoder_tail, encoder_conv_stack
 from kale_ext.embed.fusion import bound_log_var
 
 __all__ = [
@@ -136,7 +137,11 @@ class LeadwiseSignalVAEEncoder(nn.Module):
                 "pass lead_index naming the encoder of each channel when encoding a subset"
             )
         impl = resolve_conv_impl(self.conv_impl, x.device)
-        if impl == "conv":
+        if impl == "triton" and (len(conv_w) != 3 or any(c & (c - 1) or c < 16 for c in self.channels)):
+            impl = "conv"  # the fused kernel is written for three layers of power-of-two widths >= 16
+        if impl == "triton":
+            h = encoder_conv_stack(x, conv_w, conv_b)
+        elif impl == "conv":
             h = self._features_conv(x, conv_w, conv_b)  # (L', B, F)
         elif impl == "conv2d":
             h = self._features_conv2d(x, conv_w, conv_b)
@@ -336,6 +341,10 @@ class SharedLeadDecoder(nn.Module):
         """
         batch = z.shape[0]
         impl = resolve_conv_impl(self.conv_impl, z.device)
+        if impl == "triton" and (self.mode != "lead" or len(self.deconvs) != 3):
+            impl = "conv"  # the fused tail is written for the lead-conditioned three-layer decoder
+        if impl == "triton":
+            return self._forward_triton(z)
         if impl == "blockdiag" and self.mode == "lead":
             return self._forward_blockdiag(z)
         if impl == "matmul":
@@ -360,6 +369,15 @@ class SharedLeadDecoder(nn.Module):
         if self.mode == "lead":
             return out.view(batch, self.num_leads, self.output_dim)
         return out.unsqueeze(1).expand(batch, self.num_leads, self.output_dim)
+
+    def _forward_triton(self, z: Tensor) -> Tensor:
+        # The first two (linear) layers as in "conv" mode, once per sample and once per lead; the lead add, the last
+        # two transposed convolutions, ReLUs and the crop run fused per (sample, lead) in Triton.
+        w, b = self.fc.weight, self.fc.bias
+        h1 = self._layer(0, self._unflatten(F.linear(z, w, b), "conv"), "conv")
+        lead = self._layer(0, self._unflatten(F.linear(self.lead_embedding, w), "conv"), "conv", bias=False)
+        d2, d3 = self.deconvs[1], self.deconvs[2]
+        return decoder_tail(h1, lead.to(h1.dtype), d2.weight, d2.bias, d3.weight, d3.bias, self.output_dim)
 
     def _forward_blockdiag(self, z: Tensor) -> Tensor:
         # As the lead mode above, but the leads go into the channels (lead-major) instead of the batch, and the

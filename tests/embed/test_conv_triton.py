@@ -330,3 +330,34 @@ def test_imports_without_triton():
     result = _run(code, {"TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "conv_impl 'conv'" in result.stdout
+
+
+def test_conv_impl_triton_modules_match_conv_with_the_same_state_dict():
+    """conv_impl="triton" is a choice of kernels, not a model: same parameters, state dict, outputs and gradients."""
+    torch.manual_seed(0)
+    enc = LeadwiseSignalVAEEncoder(2, 37, 4, conv_impl="conv").to(DEVICE)
+    dec = SharedLeadDecoder(2, 37, 4, mode="lead", conv_impl="conv").to(DEVICE)
+    enc_t = LeadwiseSignalVAEEncoder(2, 37, 4, conv_impl="triton").to(DEVICE)
+    dec_t = SharedLeadDecoder(2, 37, 4, mode="lead", conv_impl="triton").to(DEVICE)
+    assert list(enc_t.state_dict()) == list(enc.state_dict()) and list(dec_t.state_dict()) == list(dec.state_dict())
+    enc_t.load_state_dict(enc.state_dict())
+    dec_t.load_state_dict(dec.state_dict())
+    x = torch.randn(2, 2, 37, device=DEVICE)
+    outs = []
+    for e, d in ((enc, dec), (enc_t, dec_t)):
+        mean, log_var = e(x)
+        recon = d(mean[0])
+        (recon.square().sum() + mean.sum() + log_var.sum()).backward()
+        outs.append((mean, recon, [p.grad.clone() for p in [*e.parameters(), *d.parameters()]]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-4)
+    for g_t, g in zip(outs[1][2], outs[0][2]):
+        torch.testing.assert_close(g_t, g, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_picks_triton_on_cuda_when_available_and_conv_on_cpu():
+    from kale_ext.embed.conv_ops import resolve_conv_impl
+
+    assert resolve_conv_impl("auto", torch.device("cpu")) == "conv"
+    expected = "triton" if ct.triton_available() else "blockdiag"
+    assert resolve_conv_impl("auto", torch.device("cuda")) == expected

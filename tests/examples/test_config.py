@@ -1,0 +1,72 @@
+"""Tests of examples/lsemvae_ph/config.py and layout.py: YAML only, every range and enum checked before any work."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lsemvae_ph"
+if str(EXAMPLE) not in sys.path:
+    sys.path.insert(0, str(EXAMPLE))
+
+from config import load_cfg  # noqa: E402
+from layout import RunLayout  # noqa: E402
+
+
+def test_python_configs_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom yacs.config import CfgNode\ncfg = CfgNode()\n")
+    with pytest.raises(ValueError, match="YAML"):
+        load_cfg([str(evil)])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("FINETUNE.DROPOUT", "1.5", "0.0 <= value < 1.0"),
+        ("FINETUNE.FOCAL_ALPHA", "2.0", "[0, 1]"),
+        ("FINETUNE.FOCAL_ALPHA", "2", "wrong type"),
+        ("MODEL.NOT_A_KEY", "1", "not a configuration key"),
+        ("TRAINER.STRATEGY", "bogus", "ddp"),
+        ("EVAL.N_BOOT", "-5", "0 <= value"),
+        ("PRETRAIN.LR", "0.0", "0.0 < value"),
+        ("PRETRAIN.SIGMA", "-1.0", "0.0 < value"),
+        ("FINETUNE.THRESHOLD", "1.5", "(0, 1)"),
+        ("DATASET.PREPROCESS.POWERLINE_HZ", "55.0", "50, 60 or 0"),
+        ("DATASET.PREPROCESS.HIGHPASS_HZ", "300.0", "half of DATASET.FS"),
+        ("TASK.MPAP_RANGE", "[30.0, 10.0]", "low < high"),
+        ("TRAINER.PRECISION", "fp8", "bf16-mixed"),
+        ("PRETRAIN.RECON", "l1", "gaussian"),
+        ("MODEL.RANDOM_ARCHITECTURE", "resnet1d", "lsemvae"),
+    ],
+)
+def test_bad_values_stop_before_any_work_naming_what_is_accepted(key, value, words):
+    with pytest.raises(ValueError) as err:
+        load_cfg(["6L.yaml"], [key, value])
+    assert words in str(err.value) and (key in str(err.value) or "NOT_A_KEY" in key)
+
+
+def test_every_shipped_config_validates_and_the_layout_reads_the_registry():
+    for path in sorted((EXAMPLE.parents[1] / "configs").glob("*.yaml")):
+        run = RunLayout.from_cfg(load_cfg([path.name]))
+        assert run.spec.label and run.method_label
+    run = RunLayout.from_cfg(load_cfg(["6L.yaml", "betavae.yaml"]))
+    assert run.features == "fused_mean" and not run.spec.end_to_end  # the one feature a joint encoder has
+    stmem = RunLayout.from_cfg(load_cfg(["stmem.yaml", "quick.yaml"]))
+    assert stmem.features == "pooled" and stmem.build_args(stmem.leads)["preset"] == "small"
+    custom = RunLayout.from_cfg(load_cfg([], ["DATASET.LABEL_COLUMN", "nsr"]))
+    assert custom.task == "nsr"  # a custom endpoint is named as such, not "ph_detection"
+    assert RunLayout.from_cfg(load_cfg([], ["TASK.LABEL", "sinus rhythm"])).task == "sinus rhythm"
+    rand = RunLayout.from_cfg(load_cfg(["random_encoder.yaml"]))
+    assert rand.method_label == "Random encoder" and rand.spec.frozen and not rand.spec.pretrained
+
+
+def test_preprocessing_keys_reach_the_spec_and_its_fingerprint():
+    base = RunLayout.from_cfg(load_cfg([]))
+    us = RunLayout.from_cfg(load_cfg([], ["DATASET.PREPROCESS.POWERLINE_HZ", "60.0"]))
+    off = RunLayout.from_cfg(load_cfg([], ["DATASET.PREPROCESS.HIGHPASS_HZ", "0.0"]))
+    assert us.preprocess.powerline_hz == 60.0 and off.preprocess.highpass_hz is None
+    assert len({base.preprocess.fingerprint(), us.preprocess.fingerprint(), off.preprocess.fingerprint()}) == 3
+    assert base.finetune_cache != us.finetune_cache  # another preprocessing never reuses a cache
