@@ -2,12 +2,13 @@
 # GPU check of the fused Triton kernels (kale_ext/embed/conv_triton.py), as one prepared run on a CUDA machine:
 #   1. the kernel tests with the real Triton compiler (tests/embed/test_conv_triton.py on the GPU),
 #   2. benchmarks/triton_kernels.py (paper size: fused kernels vs the torch paths, fp32 and bf16, batch 256/1024),
-#   3. benchmarks/pretrain_throughput.py with its default flags (the end-to-end pre-training step).
+#   3. benchmarks/pretrain_throughput.py with its default flags (synthetic tensors on the GPU),
+#   4. benchmarks/pretrain_throughput.py --end-to-end: the pipeline step from a float16 cache, loader included.
 # Needs no network: torch (with triton) preinstalled; pytest and pykale are used when present.
 # Logs go to $OUT (or ./gpu_check_out): env.log, tests.log, triton_kernels.log, pretrain_throughput.log and
 # summary.txt (one line per stage with its exit status and seconds). Exit status 1 if any stage failed.
-# Each stage has a time limit (seconds, override with TESTS_TIMEOUT, BENCH_TIMEOUT, PRETRAIN_TIMEOUT) so the whole
-# script ends within about 9.5 minutes; BENCH_ARGS and PRETRAIN_ARGS add flags to stages 2 and 3.
+# Each stage has a time limit (seconds: TESTS_TIMEOUT, BENCH_TIMEOUT, PRETRAIN_TIMEOUT, E2E_TIMEOUT) so the whole
+# script ends within about 9.5 minutes; BENCH_ARGS, PRETRAIN_ARGS and E2E_ARGS add flags to stages 2-4.
 #
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh
 set -u
@@ -46,14 +47,19 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 cat "$out_dir/env.log"
 
 if "$py" -c "import pytest" 2>/dev/null; then
-    stage tests "${TESTS_TIMEOUT:-180}" "$py" -m pytest -q -x -p no:cacheprovider tests/embed/test_conv_triton.py
+    stage tests "${TESTS_TIMEOUT:-150}" "$py" -m pytest -q -x -p no:cacheprovider tests/embed/test_conv_triton.py
 else
     echo "=== tests: skipped, pytest is not installed" | tee -a "$out_dir/summary.txt"
 fi
 # shellcheck disable=SC2086  # word splitting of the extra flags is intended
-stage triton_kernels "${BENCH_TIMEOUT:-180}" "$py" benchmarks/triton_kernels.py ${BENCH_ARGS:-}
+stage triton_kernels "${BENCH_TIMEOUT:-120}" "$py" benchmarks/triton_kernels.py ${BENCH_ARGS:-}
 # shellcheck disable=SC2086
-stage pretrain_throughput "${PRETRAIN_TIMEOUT:-200}" "$py" benchmarks/pretrain_throughput.py ${PRETRAIN_ARGS:-}
+stage pretrain_throughput "${PRETRAIN_TIMEOUT:-100}" "$py" benchmarks/pretrain_throughput.py ${PRETRAIN_ARGS:-}
+# The acceptance figure: the pipeline's step end to end from a float16 cache at paper size (12 x 5000, D 256,
+# batch 1024, bf16), against the per-lead loop in the same run, eager and compiled.
+stage end_to_end "${E2E_TIMEOUT:-170}" "$py" benchmarks/pretrain_throughput.py --end-to-end "${E2E_CACHE:-/tmp/kale_e2e_cache}" \
+    --make-cache "${E2E_RECORDS:-16384}" --variants "${E2E_VARIANTS:-loop,lsemvae:blockdiag,lsemvae:triton}" \
+    --count-flops ${E2E_ARGS:-}
 
 cat "$out_dir/summary.txt"
 exit "$status"

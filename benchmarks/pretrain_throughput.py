@@ -16,11 +16,22 @@ are excluded from timing; CUDA is synchronised around the timed steps. A variant
 is reported and the others still run. Needs pykale (the ``loop`` variant uses its encoder). Measured figures and
 their reading: docs/models.md.
 
+``--end-to-end CACHE`` times the pipeline's own training step instead: batches from a cache through
+``kale_ext.loaddata.batch_stream.BatchStream`` (float16 kept float16 up to the device; resident on the GPU when it
+fits), ``PretrainModule(model, ELBOObjective())``'s loss (the default objective: Gaussian likelihood, alignment,
+gate balance), backward and the (fused on GPU) AdamW step, loader included. ``--make-cache N`` writes a float16
+synthetic cache of N records first. Every variant is timed ``--repeats`` times (>= 3); the median and the spread
+(min-max) are printed, and the compile time (the first, untimed steps) separately. Ratios are printed only like for
+like (eager against eager, compiled against compiled), and the useful-FLOP utilisation against ``--peak-tflops``
+(FLOPs of one step counted by ``torch.utils.flop_counter``, so zeros multiplied by the block-diagonal form are not
+counted as useful only when ``--useful-flops-from`` names the variant whose count is the useful work).
+
 Usage::
 
     python benchmarks/pretrain_throughput.py                     # paper size, batch 1024, default variants
     python benchmarks/pretrain_throughput.py --compile            # torch.compile every model
     python benchmarks/pretrain_throughput.py --small              # tiny size on the CPU (used by the tests)
+    python benchmarks/pretrain_throughput.py --end-to-end cache/ --make-cache 16384 --variants loop,lsemvae:triton
 """
 
 from __future__ import annotations
@@ -140,6 +151,106 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
     return result
 
 
+def _flops_per_sample(step, batch: int) -> float:
+    """FLOPs of one training step (forward + backward) divided by the batch, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / batch
+
+
+def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """The pipeline's training step from a cache, loader included, repeated ``args.repeats`` times."""
+    import numpy as np
+
+    from kale_ext.loaddata.batch_stream import BatchStream
+    from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+    from kale_ext.pipeline.pretrain import PretrainModule
+    from kale_ext.predict.objectives import ELBOObjective
+
+    leads = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")[: args.leads]
+    dataset = ECGLeadDataset(args.end_to_end, leads=leads)
+    args.input_dim = dataset.num_samples if hasattr(dataset, "num_samples") else args.input_dim
+    torch.manual_seed(0)
+    kind, _, impl = variant.partition(":")
+    with torch.device(device):
+        if kind == "loop":
+            model = build(variant, args.leads, args.input_dim, args.latent_dim)
+        elif kind in ("lsemvae", "identical"):
+            mode = "identical" if kind == "identical" else "lead"
+            model = LSEMVAE(leads, args.input_dim, args.latent_dim, decoder_mode=mode, conv_impl=impl or "auto")
+        else:
+            raise SystemExit(f"unknown variant {variant!r}; use loop, lsemvae:<impl>, identical:<impl>")
+    loop = isinstance(model, PerLeadLoopVAE)
+    module = (
+        None if loop else PretrainModule(model, ELBOObjective(beta_warmup_epochs=0), leads=leads, compile=args.compile)
+    )
+    forward = torch.compile(model) if (args.compile and loop) else model
+    params = list(model.parameters())
+    fused = device.type == "cuda" and not args.no_fused
+    optimiser = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5, fused=fused or None)
+    stream = BatchStream(dataset, np.arange(len(dataset)), args.batch, seed=0, device=device,
+                         resident=args.resident, num_threads=args.threads)  # fmt: skip
+    use_autocast = device.type == "cuda" and not args.fp32
+
+    def step(batch) -> torch.Tensor:
+        optimiser.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            if loop:
+                x = batch["signals"].float()
+                recon, fused_out = forward(x)
+                terms = multimodal_elbo(recon.float(), x, fused_out.mean, fused_out.log_var, beta=1.0)
+                loss = terms.total + alignment_loss(fused_out.expert_mean, fused_out.mean, fused_out.expert_mask)
+            else:
+                loss = module.compute_losses(batch, sample=True)["loss"]
+        loss.backward()
+        optimiser.step()
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    batches = iter(_forever(stream))
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step(next(batches))
+    sync()
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(args.repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step(next(batches))
+        sync()
+        rates.append(args.batch * args.steps / (time.perf_counter() - start))
+    flops = _flops_per_sample(lambda: step(next(batches)), args.batch) if args.count_flops else None
+    rates_sorted = sorted(rates)
+    return {
+        "variant": variant,
+        "samples_per_s": rates_sorted[len(rates) // 2],
+        "spread": [rates_sorted[0], rates_sorted[-1]],
+        "repeats": rates,
+        "warmup_s": warmup_s,
+        "resident": stream.resident,
+        "cache_dtype": str(dataset.signal_dtype),
+        "flops_per_sample": flops,
+        "parameters": sum(p.numel() for p in params),
+        "loss": float(loss.detach()),
+    }
+
+
+def _forever(stream):
+    epoch = 0
+    while True:
+        stream.set_epoch(epoch)
+        yield from stream
+        epoch += 1
+
+
 def _profile(step, device: torch.device, rows: int = 15) -> None:
     """Print the kernels that take the most time over two steps."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -170,6 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of each variant")
     parser.add_argument("--small", action="store_true", help="tiny sizes on the CPU (a smoke run for the tests)")
+    parser.add_argument("--end-to-end", type=Path, default=None, metavar="CACHE",
+                        help="time the pipeline's training step from this cache, loader included")  # fmt: skip
+    parser.add_argument("--make-cache", type=int, default=0, metavar="N",
+                        help="with --end-to-end: first write a float16 synthetic cache of N records there")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (median and spread)")
+    parser.add_argument("--resident", default="auto", help="BatchStream residency: auto, yes, no")
+    parser.add_argument("--threads", type=int, default=2, help="BatchStream reading threads")
+    parser.add_argument("--no-fused", action="store_true", help="unfused AdamW on the GPU")
+    parser.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (utilisation)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200: 989)")
+    parser.add_argument("--useful-flops-from", default="lsemvae:conv", help="variant whose FLOPs are the useful work")
     parser.add_argument("--leads", type=int, default=12)
     parser.add_argument("--input-dim", type=int, default=5000)
     parser.add_argument("--latent-dim", type=int, default=256)
@@ -196,10 +318,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"compile={args.compile} autocast={'bf16' if device.type == 'cuda' and not args.fp32 else 'off'}",
         flush=True,
     )
+    if args.end_to_end is not None and args.make_cache:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from loader_throughput import write_synthetic_cache
+
+        write_synthetic_cache(args.end_to_end, args.make_cache, args.input_dim, "float16")
+        print(f"wrote a float16 synthetic cache of {args.make_cache} records in {args.end_to_end}", flush=True)
+    args.resident = {"yes": True, "no": False}.get(str(args.resident), "auto")
+    args.repeats = max(int(args.repeats), 1)
+    runner = run_end_to_end if args.end_to_end is not None else run_variant
     results = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         try:
-            res = run_variant(variant, args, device)
+            res = runner(variant, args, device)
         except Exception as error:  # one failing variant (e.g. a compiler bug) must not lose the others' figures
             print(f"{variant:>16}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             results.append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:500]})
@@ -207,19 +338,42 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             continue
         results.append(res)
-        print(
-            f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s  {res['step_ms']:9.2f} ms/step  "
-            f"peak {'-' if res['peak_gib'] is None else format(res['peak_gib'], '.2f')} GiB  "
-            f"params {res['parameters']:,}",
-            flush=True,
-        )
+        if "spread" in res:
+            lo, hi = res["spread"]
+            print(
+                f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s median of {args.repeats} "
+                f"(spread {lo:.1f}-{hi:.1f}); warm-up/compile {res['warmup_s']:.1f} s; cache {res['cache_dtype']}, "
+                f"resident={res['resident']}; params {res['parameters']:,}",
+                flush=True,
+            )
+        else:
+            print(
+                f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s  {res['step_ms']:9.2f} ms/step  "
+                f"peak {'-' if res['peak_gib'] is None else format(res['peak_gib'], '.2f')} GiB  "
+                f"params {res['parameters']:,}",
+                flush=True,
+            )
     base = next((r for r in results if r["variant"] == "loop" and "error" not in r), None)
     if base is not None:
         for res in (r for r in results if "error" not in r):
             res["ratio_vs_loop"] = res["samples_per_s"] / base["samples_per_s"]
             if res is not base:
                 print(f"ratio {res['variant']} / loop = {res['ratio_vs_loop']:.2f}x", flush=True)
-    summary = {"device": str(device), "batch": args.batch, "compile": args.compile, "results": results}
+    useful = next((r.get("flops_per_sample") for r in results if r["variant"] == args.useful_flops_from), None)
+    for res in (r for r in results if "error" not in r and r.get("flops_per_sample")):
+        work = useful or res["flops_per_sample"]
+        res["useful_tflops"] = res["samples_per_s"] * work / 1e12
+        res["utilisation"] = res["useful_tflops"] / args.peak_tflops
+        print(
+            f"{res['variant']:>16}: {res['flops_per_sample'] / 1e9:.2f} GFLOP/sample executed, useful "
+            f"{work / 1e9:.2f} GFLOP/sample -> {res['useful_tflops']:.1f} TFLOP/s = {100 * res['utilisation']:.1f}% "
+            f"of {args.peak_tflops:g} peak",
+            flush=True,
+        )
+    mode = "compiled" if args.compile else "eager"
+    print(f"all ratios above are {mode} against {mode} (one process, same data path)", flush=True)
+    summary = {"device": str(device), "torch": torch.__version__, "batch": args.batch, "compile": args.compile,
+               "end_to_end": str(args.end_to_end) if args.end_to_end else None, "results": results}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -61,9 +61,12 @@ _C.DATASET.PREPROCESS.POWERLINE_HZ = 50.0
 _C.DATASET.PREPROCESS.HIGHPASS_HZ = 0.5
 # Derive III, aVR, aVL, aVF from I and II when absent (4-lead or 2-lead devices).
 _C.DATASET.PREPROCESS.DERIVE_LIMB_LEADS = False
-# Mask a bad lead (flat, mostly NaN, saturated, implausible amplitude) instead of refusing the whole record.
+# Labelled (fine-tuning, scoring) records: mask a bad lead (flat, mostly NaN, saturated, implausible amplitude)
+# instead of refusing the whole record.
 _C.DATASET.PREPROCESS.MASK_BAD_LEADS = False
-# With MASK_BAD_LEADS: fewest good leads a record must keep to be used.
+# Pre-training records: mask a bad lead instead of dropping the record (the VAE takes any subset of leads).
+_C.DATASET.PREPROCESS.PRETRAIN_MASK_BAD_LEADS = True
+# With MASK_BAD_LEADS / PRETRAIN_MASK_BAD_LEADS: fewest good leads a record must keep to be used.
 _C.DATASET.PREPROCESS.MIN_GOOD_LEADS = 1
 # Largest share of NaN samples a lead may have (short gaps are interpolated).
 _C.DATASET.PREPROCESS.MAX_NAN_FRACTION = 0.2

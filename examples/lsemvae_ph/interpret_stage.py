@@ -23,6 +23,7 @@ import artifacts
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from yacs.config import CfgNode
 
 from kale_ext.interpret.ablation import lead_ablation, summarise_ablation
@@ -103,8 +104,6 @@ def _wide_summary(table: pd.DataFrame, key: str, value: str) -> pd.DataFrame:
 
 def run_interpret(cfg: CfgNode) -> Path:
     """Interpret the run in ``cfg.OUTPUT.DIR``; returns the folder written (``OUTPUT.DIR/interpret``)."""
-    from tqdm.auto import tqdm
-
     out = Path(cfg.OUTPUT.DIR) / "interpret"
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)

@@ -6,6 +6,7 @@ label, its features, its objective) comes from the model registry ``kale_ext.emb
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,8 @@ class RunLayout:
         out: ``OUTPUT.DIR``.
         leads: leads used for fine-tuning and evaluation.
         pretrain_leads: leads of the pre-trained encoders.
-        preprocess: the preprocessing of every cache of the run.
+        preprocess: the preprocessing of the labelled records (fine-tuning, scoring).
+        pretrain_preprocess: the preprocessing of the pre-training records (bad leads masked by default).
         synthetic: True when the embedded synthetic cohort is used.
         synthetic_dir, cache_root, pretrain_dir, finetune_dir, predict_dir: folders.
         pretrain_cache, finetune_cache: cache folders (named by leads and preprocessing fingerprint).
@@ -68,6 +70,7 @@ class RunLayout:
     leads: tuple[str, ...]
     pretrain_leads: tuple[str, ...]
     preprocess: PreprocessSpec
+    pretrain_preprocess: PreprocessSpec
     synthetic: bool
     synthetic_dir: Path
     cache_root: Path
@@ -101,6 +104,7 @@ class RunLayout:
             max_amplitude_mv=float(pre.MAX_AMPLITUDE_MV),
         )
         cache_root = Path(cfg.DATASET.CACHE_DIR) if cfg.DATASET.CACHE_DIR else out / "cache"
+        pre_spec = dataclasses.replace(spec, mask_bad_leads=bool(pre.PRETRAIN_MASK_BAD_LEADS) or spec.mask_bad_leads)
         fp = spec.fingerprint()
         return cls(
             cfg=cfg,
@@ -109,13 +113,14 @@ class RunLayout:
             leads=leads,
             pretrain_leads=pretrain_leads,
             preprocess=spec,
+            pretrain_preprocess=pre_spec,
             synthetic=not cfg.DATASET.FINETUNE_SOURCE,
             synthetic_dir=Path(cfg.DATASET.SYNTHETIC.DIR) if cfg.DATASET.SYNTHETIC.DIR else out / "data" / "synthetic",
             cache_root=cache_root,
             pretrain_dir=Path(cfg.PRETRAIN.DIR) if cfg.PRETRAIN.DIR else out / "pretrain",
             finetune_dir=out / "finetune",
             predict_dir=out / "predict",
-            pretrain_cache=cache_root / f"pretrain_{lead_tag(pretrain_leads)}_{fp}",
+            pretrain_cache=cache_root / f"pretrain_{lead_tag(pretrain_leads)}_{pre_spec.fingerprint()}",
             finetune_cache=cache_root / f"finetune_{lead_tag(leads)}_{fp}",
             labels=out / "labels.csv",
             folds=out / "folds.csv",

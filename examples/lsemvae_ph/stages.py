@@ -69,7 +69,8 @@ def _slice(cfg, keys: list[str]) -> dict:
 def pretrain_fingerprint(run: RunLayout) -> dict:
     """What a pre-trained model is made from: model and objective settings, the records, the code version."""
     keys = ["SEED", "MODEL", "DATASET.PRETRAIN_LEADS", "DATASET.FS", "DATASET.INPUT_LENGTH",
-            "DATASET.MAX_PRETRAIN_RECORDS", "DATASET.PRETRAIN_SOURCE", "DATASET.SYNTHETIC"]  # fmt: skip
+            "DATASET.MAX_PRETRAIN_RECORDS", "DATASET.PRETRAIN_SOURCE", "DATASET.SYNTHETIC",
+            "DATASET.PREPROCESS"]  # fmt: skip
     if not run.cfg.DATASET.PRETRAIN_SOURCE:
         keys.append("DATASET.FINETUNE_SOURCE")
     config = _slice(run.cfg, keys)
@@ -157,11 +158,12 @@ def _synthetic_sources(run: RunLayout) -> tuple[Path, Path, Path]:
     return labelled, archive, haemo[0]
 
 
-def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...]) -> None:
+def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...], spec=None) -> None:
+    spec = spec or run.preprocess
     if global_rank() != 0:
         wait_for(out_dir / "spec.json")
         return
-    match = cache_matches(out_dir, source, run.preprocess, list(leads)) if (out_dir / "spec.json").exists() else False
+    match = cache_matches(out_dir, source, spec, list(leads)) if (out_dir / "spec.json").exists() else False
     if match is True:
         logger.info("reusing cache %s (same records and preprocessing)", out_dir)
         return
@@ -169,7 +171,7 @@ def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...]) 
         logger.warning("cache %s was built from other inputs (%s); rebuilding it", out_dir, match)
     workers = run.cfg.DATASET.PREPARE_WORKERS if run.cfg.DATASET.PREPARE_WORKERS > 0 else None
     report = prepare_ecg_cache(
-        source, out_dir, spec=run.preprocess, leads=list(leads), num_workers=workers,
+        source, out_dir, spec=spec, leads=list(leads), num_workers=workers,
         progress=run.cfg.TRAINER.PROGRESS_BAR, overwrite=bool(match),
     )  # fmt: skip
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.qc_counts.items()))
@@ -241,7 +243,7 @@ def stage_prepare(run: RunLayout) -> None:
         run.spec.pretrained
         and stage_status(run.pretrain_dir, pretrain_fingerprint(run), artifacts.DONE_FILE)[0] != "match"
     ):
-        _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads)
+        _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads, run.pretrain_preprocess)
     if global_rank() == 0:
         run.labels.parent.mkdir(parents=True, exist_ok=True)
         table = make_labels(run, labels_csv)
@@ -303,7 +305,7 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
             logger.info("%s: saved the seeded initialisation (no training) in %s", args["name"], run.pretrain_dir)
         return True
     n_max = run.cfg.DATASET.MAX_PRETRAIN_RECORDS
-    dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.preprocess)
+    dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.pretrain_preprocess)
     if 0 < n_max < len(dataset):
         dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, indices=np.arange(n_max))
     torch.manual_seed(run.cfg.SEED)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -210,8 +211,6 @@ def fit_classifier(
     Returns:
         The trained model (same object), in eval mode.
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
     loss_fn = make_loss(settings, np.asarray(labels))
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import seed_everything
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -396,8 +399,6 @@ class ReseedCallback(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reseed for the epoch about to run."""
-        from lightning_fabric.utilities.seed import seed_everything
-
         seed_everything(self.seed + trainer.current_epoch + 1000 * trainer.global_rank, verbose=False)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
@@ -510,9 +511,6 @@ def run_pretraining(
     Returns:
         ``PretrainResult``.
     """
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     leads = tuple(leads or getattr(dataset, "leads", None) or model.lead_names)

@@ -35,3 +35,20 @@ def test_small_benchmark_prints_samples_per_second_and_ratio():
     assert any(line.startswith("ratio lsemvae:conv / loop") for line in lines)
     # Both LSEMVAE implementations start from the same weights and compute the same maths.
     assert results["lsemvae:conv"]["loss"] == pytest.approx(results["lsemvae:matmul"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_end_to_end_mode_times_the_pipeline_step_from_a_float16_cache(tmp_path):
+    pytest.importorskip("kale.embed.signal_cnn")
+    args = ["--end-to-end", str(tmp_path / "cache"), "--make-cache", "48", "--input-dim", "64", "--latent-dim", "8",
+            "--batch", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--repeats", "3", "--count-flops",
+            "--variants", "loop,lsemvae:conv"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {r["variant"]: r for r in summary["results"]}
+    for res in results.values():
+        assert "error" not in res and len(res["repeats"]) == 3
+        assert res["spread"][0] <= res["samples_per_s"] <= res["spread"][1]
+        assert res["cache_dtype"] == "torch.float16" and res["flops_per_sample"] > 0
+    assert results["lsemvae:conv"]["ratio_vs_loop"] > 0 and "eager against eager" in proc.stdout

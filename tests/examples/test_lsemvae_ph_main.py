@@ -250,6 +250,62 @@ def test_predict_scores_records_and_refuses_a_missing_lead(tiny_run, tmp_path):
     assert len(refused) == 1 and "aVL" in refused["status"].iloc[0] and np.isnan(refused["probability"].iloc[0])
     folds = pd.read_csv(tiny_run["out"] / "folds.csv")
     assert np.isclose(scores["threshold"].iloc[0], folds.groupby("fold")["threshold"].first().mean())
+    # provenance: what model, what task, what a 1 means, trained on what kind of data
+    assert set(scores["model"]) == {"lsemvae"} and set(scores["trained_on"]) == {"synthetic"}
+    assert scores["positive_class"].iloc[0].startswith("mPAP > 20") and set(scores["task"]) == {"ph_detection"}
+    raw = pd.read_csv(tmp_path / "scores.csv", dtype=str, keep_default_na=False).set_index("status")
+    assert raw.loc["ok", "prediction"] in ("0", "1") and raw.drop(index="ok")["prediction"].eq("").all()  # integers
+
+
+def _tiny_cohort(folder, n=12, seed=9):
+    from kale_ext.loaddata.synthetic import write_synthetic_cohort
+
+    cohort = write_synthetic_cohort(folder, n, seed=seed, fs=50)
+    return cohort.root, next(cohort.root.glob("haemo*.csv"))
+
+
+def test_rerun_with_another_task_or_latent_size_recomputes_instead_of_reusing(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], run)
+    proc = _run_main(["--cfg", "6L.yaml", *tiny_opts(tiny_run["shared"]), "OUTPUT.DIR", str(run), "TASK.NAME", "pawp"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "elevated_pawp"
+    labels = pd.read_csv(run / "labels.csv", dtype={"subject_id": str}).set_index("subject_id")["label"]
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"subject_id": str}).set_index("subject_id")
+    assert (predictions["label"] == labels.loc[predictions.index]).all()  # evaluated on the new task's labels
+    assert (run / "finetune.stale-1").is_dir() and not (run / "pretrain.stale-1").exists()  # pre-training reused
+    proc = _run_main(
+        ["--cfg", "6L.yaml", *tiny_opts(tiny_run["shared"]), "OUTPUT.DIR", str(run), "MODEL.LATENT_DIM", "3"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "pretrain.stale-1").is_dir()  # the old model is kept aside, not reused and not deleted
+    assert json.loads((run / "pretrain" / "model_args.json").read_text())["latent_dim"] == 3
+    assert "LATENT_DIM: 3" in (run / "config.yaml").read_text()
+
+
+def test_prepare_rebuilds_a_cache_of_another_source_and_stops_on_unusable_labels(tiny_run, tmp_path):
+    cache = tmp_path / "cache"
+    base = [*tiny_opts(tiny_run["shared"]), "DATASET.CACHE_DIR", str(cache), "OUTPUT.DIR", str(tmp_path / "out")]
+    proc = _run_main(["--cfg", "6L.yaml", "--stage", "prepare", *base])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    other, haemo = _tiny_cohort(tmp_path / "other")
+    real = [*base, "DATASET.FINETUNE_SOURCE", str(other), "DATASET.LABELS_CSV", str(haemo), "EVAL.N_SPLITS", "2"]
+    proc = _run_main(["--cfg", "6L.yaml", "--stage", "prepare", *real])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "built from other inputs" in proc.stdout  # not "reusing cache"
+    index = next(cache.glob("finetune_6L_*")) / "index.csv"
+    assert len(pd.read_csv(index)) == 12  # the other source's 12 records, not the 36 of the first
+    # labels whose ids match no record: a one-line error before any pre-training
+    bad = tmp_path / "bad.csv"
+    bad.write_text("subject_id,mPAP,PAWP\nnobody1,30,10\nnobody2,15,8\n", encoding="utf-8")
+    proc = _run_main(["--cfg", "6L.yaml", *base[:-2], "OUTPUT.DIR", str(tmp_path / "bad"),
+                      "DATASET.FINETUNE_SOURCE", str(other), "DATASET.LABELS_CSV", str(bad)])  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+    assert "match" in proc.stderr and not (tmp_path / "bad" / "pretrain").exists()
 
 
 def _free_port():
@@ -293,14 +349,26 @@ def test_comparison_writes_one_table_for_methods_and_lead_settings(tiny_run, tmp
     import compare
 
     opts = [o for o in tiny_opts(tiny_run["shared"])]
-    rows = compare.run_comparison(tmp_path, ["lsemvae", "resnet1d", "betavae"], ["12L", "6L"], opts=opts)
-    assert len(rows) == 6
+    methods = ["lsemvae", "resnet1d", "betavae", "stmem", "random_encoder"]
+    rows = compare.run_comparison(tmp_path, methods, ["12L", "6L"], opts=[*opts, "MODEL.STMEM_PRESET", "small"])
+    assert len(rows) == 10
     md = (tmp_path / "table2.md").read_text()
     assert "LS-EMVAE" in md and "ResNet1d" in md and "6L" in md and "12L" in md and "YNTHETIC" in md
     assert "*Unimodal*" in md and "*Multimodal*" in md and "✓" in md and "×" in md
     assert "beta-VAE, 6L: – = one joint 12-channel encoder" in md  # a method that does not apply, with the reason
     table = pd.read_csv(tmp_path / "table2.csv")
-    assert len(table) == 6 and set(table["leads"]) == {"6L", "12L"} and table["synthetic"].all()
+    assert len(table) == 10 and set(table["leads"]) == {"6L", "12L"} and table["synthetic"].all()
+    assert "ST-MEM" in md and "Random encoder" in md
+    # the random encoder is frozen at its seeded initialisation: fine-tuning leaves its weights as built
+    from kale_ext.embed.zoo import build_from_args
+    from kale_ext.pipeline.artifacts import load_fold_classifier
+
+    args = json.loads((tmp_path / "pretrain" / "random_encoder" / "model_args.json").read_text())
+    torch.manual_seed(42)  # the run's SEED: the initialisation the stage saved
+    init = build_from_args(**args).state_dict()
+    clf = load_fold_classifier(tmp_path / "ph" / "random_encoder" / "6L" / "finetune", 0)
+    frozen = clf.extractor.vae.state_dict()
+    assert init.keys() == frozen.keys() and all(torch.equal(init[k], frozen[k]) for k in init)
     # one pre-training per pre-trained method, shared by both lead settings
     assert (tmp_path / "pretrain" / "lsemvae" / "model.pt").exists()
     assert not (tmp_path / "ph" / "lsemvae" / "6L" / "pretrain").exists()

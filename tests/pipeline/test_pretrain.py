@@ -1,6 +1,7 @@
 """Tests of kale_ext.pipeline.pretrain: split, sampler, reference terms, exact resume, weights-only loading."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -235,3 +236,31 @@ def test_gate_diagnostics_are_written_per_epoch(tmp_path):
     assert (table["entropy_nats"] > 0).all() and (table["entropy_nats"] <= np.log(len(LEADS) + 1) + 1e-6).all()
     logs = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
     assert "gate/entropy" in logs and "train/balance" in logs
+
+
+class _Payload:
+    """A pickle that runs code when unpickled without weights_only (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "payload_ran"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "checkpoints" / "last.ckpt")
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    with caplog.at_level("WARNING"):
+        result = run_pretraining(_model(), _objective(), _TinyLeads(), tmp_path, _settings(epochs=1), build_args=args)
+    assert not marker.exists()  # the payload did not run
+    assert result.resumed_from is None and "cannot be read" in caplog.text and is_pretrained(tmp_path)
+    torch.save({"x": _Payload(marker)}, tmp_path / "model.pt")  # a crafted model file is refused too
+    with pytest.raises(pickle.UnpicklingError):
+        load_model(tmp_path)
+    assert not marker.exists()
