@@ -633,6 +633,7 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
         figures["attribution vs annotation"] = "wave_attribution.png"
 
     timings["total"] = time.perf_counter() - t_start
+    timings["total CPU time of this process"] = time.process_time()  # the wall time a dedicated core would need
     write_results(
         out,
         args,
