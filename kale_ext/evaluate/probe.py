@@ -61,16 +61,28 @@ def repeated_folds(
     return np.stack([make_folds(labels, groups, n_splits=n_splits, seed=seed + r) for r in range(repeats)])
 
 
-def make_probe(kind: str = "logistic", seed: int = 0, c: float = 1.0, hidden_dim: int = 64, max_iter: int = 2000):
+def make_probe(
+    kind: str = "logistic",
+    seed: int = 0,
+    c: float | str = 1.0,
+    hidden_dim: int = 64,
+    max_iter: int = 2000,
+    c_grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    inner_folds: int = 3,
+):
     """A scikit-learn probe: ``StandardScaler`` then logistic regression or a one-hidden-layer MLP.
 
     Args:
         kind: ``"logistic"`` (L2-regularised, inverse strength ``c``) or ``"mlp"`` (ReLU, ``hidden_dim`` units,
             L2 ``1 / c``, early stopping off).
         seed: random state of the estimator.
-        c: inverse regularisation strength.
+        c: inverse regularisation strength, or ``"cv"`` (logistic only): chosen from ``c_grid`` by an inner
+            stratified ``inner_folds``-fold CV on the data the probe is fitted on (AUROC), i.e. inside each outer
+            training part. The inner folds are not grouped by subject: use it with one sample per subject.
         hidden_dim: hidden units of the MLP.
         max_iter: iteration limit of the solver.
+        c_grid: candidate values of ``c`` for ``c="cv"``.
+        inner_folds: inner folds for ``c="cv"``.
 
     Returns:
         An unfitted ``sklearn.pipeline.Pipeline``.
@@ -80,7 +92,15 @@ def make_probe(kind: str = "logistic", seed: int = 0, c: float = 1.0, hidden_dim
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if kind == "logistic":
+    if kind == "logistic" and c == "cv":
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.model_selection import StratifiedKFold
+
+        inner = StratifiedKFold(inner_folds, shuffle=True, random_state=seed)
+        estimator = LogisticRegressionCV(Cs=list(c_grid), cv=inner, scoring="roc_auc", max_iter=max_iter)
+    elif isinstance(c, str):
+        raise ValueError(f"c must be a number, or 'cv' for the logistic probe; got {c!r}")
+    elif kind == "logistic":
         estimator = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     elif kind == "mlp":
         estimator = MLPClassifier((hidden_dim,), alpha=1.0 / c, max_iter=max_iter, random_state=seed)

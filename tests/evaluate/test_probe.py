@@ -109,3 +109,15 @@ def test_intervals_overlap():
     assert intervals_overlap((0.5, 0.7), (0.69, 0.9))
     assert not intervals_overlap((0.5, 0.6), (0.61, 0.9))
     assert not intervals_overlap((np.nan, 0.6), (0.5, 0.9))
+
+
+def test_inner_cv_probe_picks_strong_regularisation_for_noise_and_rejects_bad_c():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(60, 40))
+    y = np.r_[np.ones(20, dtype=int), np.zeros(40, dtype=int)]
+    x[:, 0] += 3 * y
+    probe = make_probe(c="cv", c_grid=(1e-3, 1e-1, 10.0)).fit(x, y)
+    assert probe[-1].C_[0] in (1e-3, 1e-1, 10.0)
+    assert probe.predict_proba(x)[:, 1][y == 1].mean() > probe.predict_proba(x)[:, 1][y == 0].mean()
+    with pytest.raises(ValueError, match="'cv'"):
+        make_probe("mlp", c="cv")
