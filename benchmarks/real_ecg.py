@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from kale_ext.embed.lsemvae import build_model
+from kale_ext.embed.zoo import MODELS, build_model
 from kale_ext.evaluate.probe import (
     cross_validated_probe,
     fit_linear_lead_map,
@@ -59,6 +59,7 @@ from kale_ext.loaddata.wfdb_sources import RecordRef, list_records
 from kale_ext.pipeline.finetune import FinetuneSettings, MaskedInputClassifier, fit_classifier
 from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.predict.heads import FeatureClassifier, LatentFeatureExtractor
+from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
 
@@ -70,6 +71,7 @@ METHODS = [
     {"name": "lsemvae", "kind": "vae", "arch": "lsemvae"},
     {"name": "mvae", "kind": "vae", "arch": "mvae"},
     {"name": "mopoe", "kind": "vae", "arch": "mopoe"},
+    {"name": "stmem", "kind": "vae", "arch": "stmem", "modes": ("pooled",)},
     {"name": "random", "kind": "random", "arch": "lsemvae"},
     {"name": "xresnet1d", "kind": "supervised", "arch": "xresnet1d"},
 ]
@@ -105,6 +107,8 @@ def build(name: str, leads, T: int, D: int, seed: int = 0) -> torch.nn.Module:
     if name == "xresnet1d":
         options = {"num_classes": 2, "layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "stem_channels": (16, 16, 16)}
         return build_model(name, tuple(leads), T, D, **options).eval()
+    if name == "stmem":  # the CPU preset; patches chosen for ~30 per lead at this length
+        return build_model(name, tuple(leads), T, D, preset="small").eval()
     return build_model(name, tuple(leads), T, D, lead_dropout=LEAD_DROPOUT).eval()
 
 
@@ -117,8 +121,12 @@ def pretrain(
     lr: float = 1e-3,
     seed: int = 0,
     reuse_from: Path | None = None,
+    objective: str = "elbo",
 ):
-    """Pre-train a VAE label-free on ``dataset`` (the only place pre-training is called); returns it in eval mode.
+    """Pre-train a model label-free with its registry objective on ``dataset``; returns it in eval mode.
+
+    The only place pre-training is called; the objective is ``kale_ext.predict.objectives.build_objective(objective)``
+    with the library's defaults.
 
     With ``reuse_from`` holding a ``model.pt`` of an earlier run of the same preset, its weights are loaded (strictly)
     instead of training again; the caller vouches that the preset and the training records are the same.
@@ -132,7 +140,6 @@ def pretrain(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        beta_warmup_epochs=max(epochs / 2, 0.5),
         val_fraction=0.0,
         seed=seed,
         accelerator="cpu",
@@ -141,7 +148,10 @@ def pretrain(
         log_every_n_steps=1,
     )
     model.train()  # Lightning keeps the mode a module arrives in: lead dropout needs training mode
-    run_pretraining(model, dataset, out, settings, build_args={}, leads=dataset.leads)
+    # The library defaults of the objective (Gaussian likelihood, beta = 1, gamma = 0.5, gate balance) with beta
+    # warmed up over the first half of the epochs.
+    loss = build_objective(objective, beta_warmup_epochs=max(epochs / 2, 0.5))
+    run_pretraining(model, loss, dataset, out, settings, build_args={}, leads=dataset.leads)
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # Lightning checkpoints are not needed here
     return model.eval()
 
@@ -395,6 +405,7 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
                 epochs,
                 seed=seed,
                 reuse_from=None if args.reuse_models is None else args.reuse_models / "models" / name,
+                objective=MODELS[m["arch"]].objective,
             )
         elif m["kind"] == "random":
             models[name] = build(m["arch"], CANONICAL_LEADS, T, D, seed + 7)
@@ -409,7 +420,7 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
     feats: dict[str, dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
     for name, model in models.items():
-        for mode in FEATURE_MODES:
+        for mode in method_of[name].get("modes", FEATURE_MODES):
             key = f"{name}/{mode}"
             feats[key] = {
                 f"12L>{s}": encode_features(model, x_ludb, CANONICAL_LEADS, leads, mode) for s, leads in SUBSETS.items()
