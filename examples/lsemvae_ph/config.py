@@ -15,6 +15,7 @@ from kale_ext.embed.conv_ops import CONV_IMPLS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.leads import resolve_leads
 from kale_ext.predict.heads import FEATURE_MODES
+from kale_ext.predict.objectives import OBJECTIVES
 
 _C = CfgNode()
 
@@ -193,6 +194,9 @@ _C.PRETRAIN.SUBSET_WEIGHT = 1.0
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
 # mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
 _C.PRETRAIN.LOSS_MODE = "paper"
+# Pre-training objective by name (kale_ext.predict.objectives.OBJECTIVES: elbo, reference, masked_patch, capacity);
+# empty = the model's own (registry) objective, or "reference" with LOSS_MODE reference.
+_C.PRETRAIN.OBJECTIVE = ""
 # beta-VAE's capacity-controlled KL (Burgess et al. 2018): weight gamma of |KL - C| and the final capacity C (nats),
 # reached linearly over PRETRAIN.BETA_WARMUP_EPOCHS; see kale_ext.predict.pretext.ecg_capacity_settings.
 _C.PRETRAIN.CAPACITY_GAMMA = 3.0
@@ -329,6 +333,7 @@ ACCEPTED = {
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "PRETRAIN.LOADER": ("auto", "stream", "dataloader"),
     "PRETRAIN.RECON": ("gaussian", "mean"),
+    "PRETRAIN.OBJECTIVE": ("", *OBJECTIVES),
     "PRETRAIN.SUBSET_TERMS": ("none", "unimodal", "subset"),
     "PRETRAIN.RESIDENT": ("auto", "always", "never"),
     "FINETUNE.FEATURES": FEATURE_MODES,

@@ -271,7 +271,7 @@ def pretrain_settings(run: RunLayout) -> PretrainSettings:
 def make_objective(run: RunLayout):
     """The pre-training objective: the model's registry objective, or the authors' one in reference mode."""
     p = run.cfg.PRETRAIN
-    name = "reference" if p.LOSS_MODE == "reference" else run.spec.objective
+    name = p.OBJECTIVE or ("reference" if p.LOSS_MODE == "reference" else run.spec.objective)
     return build_objective(
         name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, recon_reduction=p.RECON,
         sigma=p.SIGMA, gate_importance=p.GATE_IMPORTANCE, gate_balance_kl=p.GATE_BALANCE_KL,

@@ -34,6 +34,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
+from typing import List  # noqa: UP035 - torch.library.custom_op schemas need typing.List
 
 import torch
 from torch import Tensor
@@ -760,66 +761,60 @@ def _enc_shapes(x: Tensor, conv_w: Sequence[Tensor], conv_b: Sequence[Tensor]) -
     return batch, leads, length, conv_w[0].shape[1], conv_w[1].shape[1], conv_w[2].shape[1]
 
 
-class _EncoderConvStack(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, mode, out_dtype):
-        """Launch the fused forward; saves only the inputs (see encoder_conv_stack)."""
-        batch, leads, length = x.shape
-        c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
-        t1 = _halve(length)
-        t2 = _halve(t1)
-        t3 = _halve(t2)
-        out = torch.empty(leads, batch, c3 * t3, dtype=out_dtype, device=x.device)
-        cap, warps = _LAUNCH["enc_fwd"]
-        block = _block(t3, cap)
-        grid = (_cdiv(t3, block), batch, leads)
-        _enc_fwd_kernel[grid](
-            x, w1, b1, w2, b2, w3, b3, out, batch, leads, length, t1, t2, t3,
-            C1=c1, C2=c2, C3=c3, W=block, MODE=mode, num_warps=warps,
-        )  # fmt: skip
-        ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3)
-        ctx.mode = mode
-        return out
+def _enc_forward(x, w1, b1, w2, b2, w3, b3, mode, out_dtype):
+    """Launch the fused forward (see encoder_conv_stack)."""
+    batch, leads, length = x.shape
+    c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
+    t1 = _halve(length)
+    t2 = _halve(t1)
+    t3 = _halve(t2)
+    out = torch.empty(leads, batch, c3 * t3, dtype=out_dtype, device=x.device)
+    cap, warps = _LAUNCH["enc_fwd"]
+    block = _block(t3, cap)
+    grid = (_cdiv(t3, block), batch, leads)
+    _enc_fwd_kernel[grid](
+        x, w1, b1, w2, b2, w3, b3, out, batch, leads, length, t1, t2, t3,
+        C1=c1, C2=c2, C3=c3, W=block, MODE=mode, num_warps=warps,
+    )  # fmt: skip
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        """Recompute the activations on chip and return the gradients of the inputs."""
-        x, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
-        batch, leads, length = x.shape
-        c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
-        t1 = _halve(length)
-        t2 = _halve(t1)
-        t3 = _halve(t2)
-        cap, warps = _LAUNCH["enc_bwd"]
-        block = _block(t3, cap)
-        n_tiles = _cdiv(t3, block)
-        items = batch * n_tiles
-        items_per_program = _next_pow2(_cdiv(items * leads, _TARGET_PROGRAMS))
-        splits = _cdiv(items, items_per_program)
-        need_gx = ctx.needs_input_grad[0]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        gx_buf = torch.empty(leads, batch, 15, t3, **f32) if need_gx else torch.empty(1, **f32)
-        pw1 = torch.empty(leads, splits, 3, c1, **f32)
-        pb1 = torch.empty(leads, splits, c1, **f32)
-        pw2 = torch.empty(leads, splits, 3, c2, c1, **f32)
-        pb2 = torch.empty(leads, splits, c2, **f32)
-        pw3 = torch.empty(leads, splits, 3, c3, c2, **f32)
-        pb3 = torch.empty(leads, splits, c3, **f32)
-        _enc_bwd_kernel[(leads, splits)](
-            x, w1, b1, w2, b2, w3, b3, grad_out.contiguous(), gx_buf, pw1, pb1, pw2, pb2, pw3, pb3,
-            batch, leads, length, t1, t2, t3, n_tiles, splits,
-            C1=c1, C2=c2, C3=c3, W=block, ITEMS=items_per_program, NEED_GX=need_gx, MODE=ctx.mode, num_warps=warps,
-        )  # fmt: skip
-        gx = None
-        if need_gx:
-            # Slot o + 7 holds the gradient of x[8t + o], o in -7..7: x[8t + r] = slot(r)[t] + slot(r - 8)[t + 1].
-            gx8 = gx_buf[:, :, 7:15].clone()
-            gx8[:, :, 1:, :-1] += gx_buf[:, :, 0:7, 1:]
-            gx = gx8.transpose(2, 3).reshape(leads, batch, 8 * t3)[..., :length].transpose(0, 1).to(x.dtype)
-        gw1 = pw1.sum(1).transpose(1, 2).unsqueeze(2).to(w1.dtype)
-        gw2 = pw2.sum(1).permute(0, 2, 3, 1).to(w2.dtype)
-        gw3 = pw3.sum(1).permute(0, 2, 3, 1).to(w3.dtype)
-        return gx, gw1, pb1.sum(1).to(b1.dtype), gw2, pb2.sum(1).to(b2.dtype), gw3, pb3.sum(1).to(b3.dtype), None, None
+
+def _enc_backward(grad_out, x, w1, b1, w2, b2, w3, b3, mode, need_gx):
+    """Recompute the activations on chip and return the gradients (gx is empty when not needed)."""
+    batch, leads, length = x.shape
+    c1, c2, c3 = w1.shape[1], w2.shape[1], w3.shape[1]
+    t1 = _halve(length)
+    t2 = _halve(t1)
+    t3 = _halve(t2)
+    cap, warps = _LAUNCH["enc_bwd"]
+    block = _block(t3, cap)
+    n_tiles = _cdiv(t3, block)
+    items = batch * n_tiles
+    items_per_program = _next_pow2(_cdiv(items * leads, _TARGET_PROGRAMS))
+    splits = _cdiv(items, items_per_program)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    gx_buf = torch.empty(leads, batch, 15, t3, **f32) if need_gx else torch.empty(1, **f32)
+    pw1 = torch.empty(leads, splits, 3, c1, **f32)
+    pb1 = torch.empty(leads, splits, c1, **f32)
+    pw2 = torch.empty(leads, splits, 3, c2, c1, **f32)
+    pb2 = torch.empty(leads, splits, c2, **f32)
+    pw3 = torch.empty(leads, splits, 3, c3, c2, **f32)
+    pb3 = torch.empty(leads, splits, c3, **f32)
+    _enc_bwd_kernel[(leads, splits)](
+        x, w1, b1, w2, b2, w3, b3, grad_out.contiguous(), gx_buf, pw1, pb1, pw2, pb2, pw3, pb3,
+        batch, leads, length, t1, t2, t3, n_tiles, splits,
+        C1=c1, C2=c2, C3=c3, W=block, ITEMS=items_per_program, NEED_GX=need_gx, MODE=mode, num_warps=warps,
+    )  # fmt: skip
+    gx = x.new_empty(0)
+    if need_gx:
+        # Slot o + 7 holds the gradient of x[8t + o], o in -7..7: x[8t + r] = slot(r)[t] + slot(r - 8)[t + 1].
+        gx8 = gx_buf[:, :, 7:15].clone()
+        gx8[:, :, 1:, :-1] += gx_buf[:, :, 0:7, 1:]
+        gx = gx8.transpose(2, 3).reshape(leads, batch, 8 * t3)[..., :length].transpose(0, 1).to(x.dtype)
+    gw1 = pw1.sum(1).transpose(1, 2).unsqueeze(2).to(w1.dtype)
+    gw2 = pw2.sum(1).permute(0, 2, 3, 1).to(w2.dtype)
+    gw3 = pw3.sum(1).permute(0, 2, 3, 1).to(w3.dtype)
+    return gx, gw1, pb1.sum(1).to(b1.dtype), gw2, pb2.sum(1).to(b2.dtype), gw3, pb3.sum(1).to(b3.dtype)
 
 
 def encoder_conv_stack(
@@ -843,7 +838,7 @@ def encoder_conv_stack(
         (L, B, C3 * ceil(T / 8)) features, index ``c * ceil(T / 8) + t`` per lead; dtype float32, or the autocast
         dtype / the input's half dtype.
     """
-    return _eager(_encoder_conv_stack_impl)(x, conv_w, conv_b, allow_tf32)
+    return _encoder_conv_stack_impl(x, conv_w, conv_b, allow_tf32)
 
 
 def _encoder_conv_stack_impl(
@@ -855,7 +850,106 @@ def _encoder_conv_stack_impl(
     dtype = _compute_dtype(x)
     mode = _dot_mode(dtype, allow_tf32)
     params = [p.contiguous() for pair in zip(conv_w, conv_b) for p in pair]
-    return _EncoderConvStack.apply(x.contiguous(), *params, mode, dtype)
+    return _custom_ops()["encoder"](x.contiguous(), *params, mode, dtype)
+
+
+_OPS: dict = {}
+
+
+def _custom_ops() -> dict:
+    """The kernels as ``torch.library`` custom operators (made at the first call, like the kernels).
+
+    As custom operators with fake (shape) implementations and registered backward passes, ``torch.compile`` traces
+    through them without a graph break (the kernels run as opaque calls inside the compiled graph).
+    """
+    if _OPS:
+        return _OPS
+    from torch.library import custom_op
+
+    @custom_op("kale_ext::triton_encoder_stack", mutates_args=())
+    def encoder(
+        x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, mode: int,
+        out_dtype: torch.dtype,
+    ) -> Tensor:  # fmt: skip
+        _ensure_built()
+        return _enc_forward(x, w1, b1, w2, b2, w3, b3, mode, out_dtype)
+
+    @encoder.register_fake
+    def _(x, w1, b1, w2, b2, w3, b3, mode, out_dtype):
+        batch, leads, length = x.shape
+        return x.new_empty((leads, batch, w3.shape[1] * _halve(_halve(_halve(length)))), dtype=out_dtype)
+
+    @custom_op("kale_ext::triton_encoder_stack_backward", mutates_args=())
+    def encoder_backward(
+        grad: Tensor,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        w3: Tensor,
+        b3: Tensor,
+        mode: int,
+        need_gx: bool,
+    ) -> List[Tensor]:  # noqa: UP006  # fmt: skip - torch.library needs typing.List
+        _ensure_built()
+        return list(_enc_backward(grad.contiguous(), x, w1, b1, w2, b2, w3, b3, mode, need_gx))
+
+    @encoder_backward.register_fake
+    def _(grad, x, w1, b1, w2, b2, w3, b3, mode, need_gx):
+        gx = torch.empty_like(x) if need_gx else x.new_empty(0)
+        return [gx, *(torch.empty_like(p) for p in (w1, b1, w2, b2, w3, b3))]
+
+    def encoder_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.mode = inputs[7]
+
+    def encoder_grad(ctx, grad):
+        x, *params = ctx.saved_tensors
+        need_gx = bool(ctx.needs_input_grad[0])
+        gx, *grads = encoder_backward(grad, x, *params, ctx.mode, need_gx)
+        return (gx if need_gx else None, *grads, None, None)
+
+    encoder.register_autograd(encoder_grad, setup_context=encoder_setup)
+
+    @custom_op("kale_ext::triton_decoder_tail", mutates_args=())
+    def decoder(
+        h1: Tensor, lead: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, length: int, mode: int,
+        out_dtype: torch.dtype,
+    ) -> Tensor:  # fmt: skip
+        _ensure_built()
+        batch, leads, t1 = h1.shape[0], lead.shape[0], h1.shape[2]
+        alloc = torch.zeros if length > 4 * t1 else torch.empty
+        out = alloc(batch, leads, length, dtype=out_dtype, device=h1.device)
+        _dec_forward(h1, lead, w2, b2, w3, b3, length, mode, out, None, None, None)
+        return out
+
+    @decoder.register_fake
+    def _(h1, lead, w2, b2, w3, b3, length, mode, out_dtype):
+        return h1.new_empty((h1.shape[0], lead.shape[0], length), dtype=out_dtype)
+
+    @custom_op("kale_ext::triton_decoder_tail_backward", mutates_args=())
+    def decoder_backward(
+        grad: Tensor, h1: Tensor, lead: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, length: int, mode: int
+    ) -> List[Tensor]:  # noqa: UP006 - torch.library needs typing.List
+        _ensure_built()
+        return list(_dec_backward(h1, lead, w2, b2, w3, b3, length, mode, grad.contiguous(), None, None, None))
+
+    @decoder_backward.register_fake
+    def _(grad, h1, lead, w2, b2, w3, b3, length, mode):
+        return [torch.empty_like(p) for p in (h1, lead, w2, b2, w3, b3)]
+
+    def decoder_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+        ctx.length, ctx.mode = inputs[6], inputs[7]
+
+    def decoder_grad(ctx, grad):
+        grads = decoder_backward(grad, *ctx.saved_tensors, ctx.length, ctx.mode)
+        return (*grads, None, None, None)
+
+    decoder.register_autograd(decoder_grad, setup_context=decoder_setup)
+    _OPS.update(encoder=encoder, decoder=decoder)
+    return _OPS
 
 
 def _eager(fn):
@@ -937,26 +1031,6 @@ def _dec_backward(h1, lead, w2, b2, w3, b3, length, mode, grad_out, target, mask
     )
 
 
-class _DecoderTail(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h1, lead, w2, b2, w3, b3, length, mode, out_dtype):
-        """Launch the fused forward; saves only the inputs (see decoder_tail)."""
-        batch, leads, t1 = h1.shape[0], lead.shape[0], h1.shape[2]
-        alloc = torch.zeros if length > 4 * t1 else torch.empty
-        out = alloc(batch, leads, length, dtype=out_dtype, device=h1.device)
-        _dec_forward(h1, lead, w2, b2, w3, b3, length, mode, out, None, None, None)
-        ctx.save_for_backward(h1, lead, w2, b2, w3, b3)
-        ctx.length, ctx.mode = length, mode
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        """Recompute the activations on chip and return the gradients of the inputs."""
-        h1, lead, w2, b2, w3, b3 = ctx.saved_tensors
-        grads = _dec_backward(h1, lead, w2, b2, w3, b3, ctx.length, ctx.mode, grad_out.contiguous(), None, None, None)
-        return (*grads, None, None, None)
-
-
 class _DecoderTailSSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h1, lead, w2, b2, w3, b3, target, mask, mode):
@@ -1019,7 +1093,7 @@ def decoder_tail(
     Returns:
         (B, L, T) reconstructions; float32, or the autocast dtype / the half dtype of ``h1``.
     """
-    return _eager(_decoder_tail_impl)(h1, lead, w2, b2, w3, b3, output_dim, allow_tf32)
+    return _decoder_tail_impl(h1, lead, w2, b2, w3, b3, output_dim, allow_tf32)
 
 
 def _decoder_tail_impl(
@@ -1034,7 +1108,7 @@ def _decoder_tail_impl(
 ) -> Tensor:
     _dec_shapes(h1, lead, w2, b2, w3, b3)
     dtype, mode, args = _dec_prepare(h1, lead, (w2, b2, w3, b3), allow_tf32)
-    return _DecoderTail.apply(*args, int(output_dim), mode, dtype)
+    return _custom_ops()["decoder"](*args, int(output_dim), mode, dtype)
 
 
 def decoder_tail_sse(

@@ -378,10 +378,10 @@ def build_objective(name: str, **kwargs) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    return cls(**kwargs)
+    # Only the arguments the objective's own constructor names (nn.Module's *args/**kwargs do not count).
+    own = cls.__init__ if "__init__" in vars(cls) else None
+    accepted = set(inspect.signature(own).parameters) - {"self"} if own is not None else set()
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def objective_names() -> Sequence[str]:

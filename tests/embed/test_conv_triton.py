@@ -361,3 +361,19 @@ def test_auto_picks_triton_on_cuda_when_available_and_conv_on_cpu():
     assert resolve_conv_impl("auto", torch.device("cpu")) == "conv"
     expected = "triton" if ct.triton_available() else "blockdiag"
     assert resolve_conv_impl("auto", torch.device("cuda")) == expected
+
+
+def test_compiled_encoder_and_decoder_have_no_graph_break_at_the_kernels():
+    """The kernels are torch.library custom operators: dynamo traces through them in one graph."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    enc = LeadwiseSignalVAEEncoder(2, 37, 4, conv_impl="triton").to(DEVICE)
+    dec = SharedLeadDecoder(2, 37, 4, mode="lead", conv_impl="triton").to(DEVICE)
+
+    def step(x):
+        mean, log_var = enc(x)
+        return dec(mean[0]).square().sum() + log_var.sum()
+
+    explained = torch._dynamo.explain(step)(torch.randn(2, 2, 37, device=DEVICE))
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -140,3 +140,18 @@ def test_num_parameters_counts_all_parts():
     assert model.num_parameters(trainable_only=True) == model.num_parameters() - sum(
         p.numel() for p in model.encoder.parameters()
     )
+
+
+def test_masked_forward_compiles_without_a_graph_break():
+    """No host synchronisation in the masked path: dynamo traces encode, fuse, sample and decode as one graph."""
+    import torch._dynamo
+
+    from kale_ext.embed.zoo import build_model
+
+    leads = ("I", "II", "V1")
+    model = build_model("lsemvae", leads, 32, 4, conv_impl="conv")
+    x = torch.randn(4, 3, 32)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0, 2] = False
+    explained = torch._dynamo.explain(model.forward)(x, mask=mask, leads=leads, sample=True)
+    assert explained.graph_break_count == 0, explained.break_reasons

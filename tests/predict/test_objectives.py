@@ -74,3 +74,13 @@ def test_reference_kl_is_on_the_lead_average_and_the_registry_names_both():
     assert isinstance(build_objective("elbo", gamma=0.5), ELBOObjective)
     with pytest.raises(ValueError, match="reference"):
         build_objective("nope")
+
+
+def test_build_objective_hands_each_objective_only_its_own_settings():
+    settings = {"beta": 0.5, "gamma": 0.2, "recon_reduction": "mean", "c_max": 10.0, "capacity_gamma": 2.0}
+    masked = build_objective("masked_patch", **settings)  # takes none of them
+    capacity = build_objective("capacity", **settings)
+    elbo = build_objective("elbo", **settings)
+    assert type(masked).__name__ == "MaskedPatchObjective"
+    assert capacity.c_max == 10.0 and capacity.capacity_gamma == 2.0
+    assert elbo.beta_max == 0.5 and elbo.gamma == 0.2 and elbo.recon_reduction == "mean"
