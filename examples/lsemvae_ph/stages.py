@@ -106,7 +106,8 @@ def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool,
         logger.info("reusing the %s in %s (same inputs)", what, folder)
         return True
     stored = folder / FINGERPRINT_FILE
-    if status == "missing" and stored.exists():  # an interrupted run: resumable only from the same inputs
+    started = any((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else False
+    if status == "missing" and stored.exists() and started:  # an interrupted run resumes only from the same inputs
         diffs = fingerprint_differences(json.loads(stored.read_text(encoding="utf-8")), fingerprint)
         status = "stale" if diffs else "missing"
     if status == "stale":
