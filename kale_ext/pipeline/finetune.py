@@ -236,6 +236,7 @@ def fit_classifier(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         torch.manual_seed(settings.seed)
+        model.train()  # Lightning keeps the mode a module arrives in; a frozen extractor stays in eval mode
         trainer.fit(ClassifierModule(model, loss_fn, settings), train_dataloaders=loader)
     return model.to(device).eval()
 

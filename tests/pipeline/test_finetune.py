@@ -135,3 +135,22 @@ def test_extract_features_runs_the_extractor_over_every_item():
     feats = extract_features(Mean(), data, batch_size=3, progress=False)
     assert feats.shape == (10, 3)
     assert np.allclose(feats, (data.x.mean(-1) * data.mask).numpy(), atol=1e-6)
+
+
+def test_a_model_handed_over_in_eval_mode_is_trained_in_training_mode():
+    """Dropout and batch norm train as they should even when the caller passes a model in eval mode."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            seen.append(self.training)
+            return self.lin(x)
+
+    x, y = _separable()
+    model = Probe().eval()
+    fit_classifier(model, feature_dataset(x[:16], y[:16]), y[:16], _settings(epochs=1))
+    assert seen and all(seen) and not model.training  # trained in training mode, returned in eval mode
