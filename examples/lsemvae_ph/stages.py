@@ -67,8 +67,8 @@ def _slice(cfg, keys: list[str]) -> dict:
 
 
 def pretrain_fingerprint(run: RunLayout) -> dict:
-    """What a pre-trained model is made from: model and objective settings, the records, the code version."""
-    keys = ["SEED", "MODEL", "DATASET.PRETRAIN_LEADS", "DATASET.FS", "DATASET.INPUT_LENGTH",
+    """What a pre-trained model is made from: the model it builds, the objective settings, the records, the code."""
+    keys = ["SEED", "DATASET.PRETRAIN_LEADS", "DATASET.FS", "DATASET.INPUT_LENGTH",
             "DATASET.MAX_PRETRAIN_RECORDS", "DATASET.PRETRAIN_SOURCE", "DATASET.SYNTHETIC",
             "DATASET.PREPROCESS"]  # fmt: skip
     if not run.cfg.DATASET.PRETRAIN_SOURCE:
@@ -77,16 +77,19 @@ def pretrain_fingerprint(run: RunLayout) -> dict:
     config["PRETRAIN"] = {
         k: v for k, v in _slice(run.cfg, ["PRETRAIN"])["PRETRAIN"].items() if k not in ("DIR", "RESUME")
     }
-    return {"code": kale_ext.__version__, "config": config}
+    # The model by the registry record it is built from: keys that do not reach this model do not count.
+    return {"code": kale_ext.__version__, "model": run.build_args(run.pretrain_leads), "config": config}
 
 
 def finetune_fingerprint(run: RunLayout) -> dict:
     """What the fold classifiers are made from: labels, records, folds, head settings and the pre-trained model."""
-    keys = ["SEED", "MODEL", "FINETUNE", "EVAL.N_SPLITS", "EVAL.SEED", "TASK", "DATASET.LEADS",
+    keys = ["SEED", "FINETUNE", "EVAL.N_SPLITS", "EVAL.SEED", "TASK", "DATASET.LEADS",
             "DATASET.LABEL_ID_COLUMN", "DATASET.LABEL_COLUMN", "DATASET.LABELS_CSV"]  # fmt: skip
     cache = run.finetune_cache
     return {
         "code": kale_ext.__version__,
+        "model": run.build_args(run.leads),
+        "features": run.features,
         "config": _slice(run.cfg, keys),
         "labels": _file_hash(run.labels),
         "records": _file_hash(cache / "index.csv", cache / "spec.json"),
