@@ -30,7 +30,7 @@ import main as pipeline  # noqa: E402
 from layout import RunLayout  # noqa: E402
 
 from kale_ext.evaluate.comparison import ablation_findings, plot_ablation, write_table2  # noqa: E402
-from kale_ext.utils.files import short_hash  # noqa: E402
+from kale_ext.utils.files import file_digest, short_hash  # noqa: E402
 
 # Table-2 methods: name -> (config files, overrides, block). Names double as the table's row labels via the run.
 METHODS: dict[str, tuple[list[str], list[str], str]] = {
@@ -71,8 +71,7 @@ def method_cfg_files(method: str) -> list[str]:
 def _cell_fingerprint(cfg, run: RunLayout) -> str:
     """Hash of the cell's whole configuration (output paths aside) and its inputs (labels, records)."""
     text = "\n".join(line for line in cfg.dump().splitlines() if "DIR:" not in line)
-    inputs = [p.read_bytes().hex() if p.exists() else None for p in (run.labels, run.finetune_cache / "index.csv")]
-    return short_hash([text, inputs])
+    return short_hash([text, file_digest(run.labels, run.finetune_cache / "index.csv")])
 
 
 def run_cell(out_dir: Path, task: str, method: str, leads: str, base_cfgs, opts) -> dict:

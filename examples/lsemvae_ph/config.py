@@ -349,7 +349,8 @@ def get_cfg_defaults() -> CfgNode:
     return _C.clone()
 
 
-def _get(cfg: CfgNode, dotted: str):
+def get_key(cfg: CfgNode, dotted: str):
+    """The value of a dotted key such as ``PRETRAIN.BETA`` (``KeyError`` when it does not exist)."""
     node = cfg
     for part in dotted.split("."):
         node = node[part]
@@ -362,15 +363,15 @@ def validate_cfg(cfg: CfgNode) -> None:
     Called by ``main.py`` before any data are prepared or any model is trained.
     """
     for key, accepted in ACCEPTED.items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if value not in accepted:
             raise ValueError(f"{key} = {value!r} is not accepted; use one of: {', '.join(accepted)}")
     for key in ("DATASET.LEADS", "DATASET.PRETRAIN_LEADS"):
         try:
-            resolve_leads(parse_leads(_get(cfg, key)))
+            resolve_leads(parse_leads(get_key(cfg, key)))
         except (ValueError, KeyError) as err:
             raise ValueError(
-                f"{key} = {_get(cfg, key)!r} is not accepted ({err}); use 6L, 12L or a comma list of lead names "
+                f"{key} = {get_key(cfg, key)!r} is not accepted ({err}); use 6L, 12L or a comma list of lead names "
                 "from I, II, III, aVR, aVL, aVF, V1, ..., V6"
             ) from err
     leads = resolve_leads(parse_leads(cfg.DATASET.LEADS))
@@ -381,24 +382,24 @@ def validate_cfg(cfg: CfgNode) -> None:
             f"DATASET.LEADS uses {missing}, which pre-training (DATASET.PRETRAIN_LEADS {cfg.DATASET.PRETRAIN_LEADS}) "
             "has no encoder for; add them to DATASET.PRETRAIN_LEADS"
         )
-    threshold = cfg.FINETUNE.THRESHOLD
-    if threshold not in ("youden", "argmax"):
-        try:
-            float(threshold)
-        except ValueError as err:
-            raise ValueError(
-                f"FINETUNE.THRESHOLD = {threshold!r} is not accepted; use youden, argmax or a number in (0, 1)"
-            ) from err
     for key, (low, high, low_open, high_open) in RANGES.items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         below = value <= low if low_open else value < low
         above = high is not None and (value >= high if high_open else value > high)
         if below or above:
             lo = f"{low} {'<' if low_open else '<='} value"
             hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
             raise ValueError(f"{key} = {value} is not accepted; use {lo}{hi}")
-    if cfg.FINETUNE.THRESHOLD not in ("youden", "argmax") and not 0.0 < float(cfg.FINETUNE.THRESHOLD) < 1.0:
-        raise ValueError(f"FINETUNE.THRESHOLD = {cfg.FINETUNE.THRESHOLD} is not accepted; use a number in (0, 1)")
+    threshold = cfg.FINETUNE.THRESHOLD
+    if threshold not in ("youden", "argmax"):
+        try:
+            number = float(threshold)
+        except ValueError:
+            number = float("nan")
+        if not 0.0 < number < 1.0:
+            raise ValueError(
+                f"FINETUNE.THRESHOLD = {threshold!r} is not accepted; use youden, argmax or a number in (0, 1)"
+            )
     if cfg.FINETUNE.FOCAL_ALPHA >= 0 and not 0.0 <= cfg.FINETUNE.FOCAL_ALPHA <= 1.0:
         raise ValueError(
             f"FINETUNE.FOCAL_ALPHA = {cfg.FINETUNE.FOCAL_ALPHA} is not accepted; use a value in [0, 1] (the weight "
@@ -415,7 +416,7 @@ def validate_cfg(cfg: CfgNode) -> None:
             f"a cut-off below half of DATASET.FS ({cfg.DATASET.FS / 2} Hz)"
         )
     for key in ("TASK.MPAP_RANGE", "TASK.PAWP_RANGE"):
-        low_high = list(_get(cfg, key))
+        low_high = list(get_key(cfg, key))
         if len(low_high) != 2 or not low_high[0] < low_high[1]:
             raise ValueError(f"{key} = {low_high} is not accepted; use [low, high] with low < high (mmHg)")
     strategy = str(cfg.TRAINER.STRATEGY)
@@ -527,7 +528,7 @@ def load_cfg(cfg_files: list[str] | None = None, opts: list[str] | None = None) 
         pairs = []
         for key, value in zip(opts[::2], opts[1::2]):
             try:
-                default = _get(cfg, key)
+                default = get_key(cfg, key)
             except KeyError as err:
                 raise ValueError(f"{key} is not a configuration key; see examples/lsemvae_ph/config.py") from err
             # Text keys (FINETUNE.THRESHOLD youden|0.7, TASK.LABEL, paths) keep a value that looks like a number.

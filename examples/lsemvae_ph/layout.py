@@ -151,10 +151,8 @@ class RunLayout:
         cfg = self.cfg
         if cfg.OUTPUT.METHOD_LABEL:
             return cfg.OUTPUT.METHOD_LABEL
-        flags = [
-            flag for flag, key in (("no PoE", "NO_POE"), ("no MoE", "NO_MOE"), ("no gate", "NO_GATE")) if cfg.MODEL[key]
-        ]
-        flags = [f for f in flags if f.replace(" ", "_").lower() in self.spec.options]
+        ablations = (("no PoE", "no_poe"), ("no MoE", "no_moe"), ("no gate", "no_gate"))
+        flags = [flag for flag, opt in ablations if opt in self.spec.options and cfg.MODEL[_OPTION_KEYS[opt]]]
         if cfg.PRETRAIN.GAMMA == 0 and self.spec.pretrained:
             flags.append("no alignment")
         label = self.spec.label

@@ -7,6 +7,7 @@ models is ``kale_ext.pipeline.artifacts``; subject-level metrics are ``kale_ext.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from config import get_key
 from layout import SYNTHETIC_NOTE, RunLayout, lead_tag
 
 import kale_ext
@@ -42,8 +44,8 @@ from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.distributed import global_rank, wait_for
-from kale_ext.utils.files import short_hash
-from kale_ext.utils.stage_marker import FINGERPRINT_FILE, fingerprint_differences, stage_status, write_fingerprint
+from kale_ext.utils.files import file_digest
+from kale_ext.utils.stage_marker import stage_status, write_fingerprint
 
 logger = logging.getLogger("lsemvae_ph")
 
@@ -52,18 +54,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _file_hash(*paths: Path) -> str:
-    return short_hash([p.read_bytes().hex() if p.exists() else None for p in paths])
-
-
 def _slice(cfg, keys: list[str]) -> dict:
-    out = {}
-    for key in keys:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        out[key] = json.loads(json.dumps(node, default=str))
-    return out
+    return {key: json.loads(json.dumps(get_key(cfg, key), default=str)) for key in keys}
 
 
 def pretrain_fingerprint(run: RunLayout) -> dict:
@@ -74,9 +66,7 @@ def pretrain_fingerprint(run: RunLayout) -> dict:
     if not run.cfg.DATASET.PRETRAIN_SOURCE:
         keys.append("DATASET.FINETUNE_SOURCE")
     config = _slice(run.cfg, keys)
-    config["PRETRAIN"] = {
-        k: v for k, v in _slice(run.cfg, ["PRETRAIN"])["PRETRAIN"].items() if k not in ("DIR", "RESUME")
-    }
+    config.update(_slice(run.cfg, [f"PRETRAIN.{k}" for k in run.cfg.PRETRAIN if k not in ("DIR", "RESUME")]))
     # The model by the registry record it is built from: keys that do not reach this model do not count.
     return {"code": kale_ext.__version__, "model": run.build_args(run.pretrain_leads), "config": config}
 
@@ -91,8 +81,8 @@ def finetune_fingerprint(run: RunLayout) -> dict:
         "model": run.build_args(run.leads),
         "features": run.features,
         "config": _slice(run.cfg, keys),
-        "labels": _file_hash(run.labels),
-        "records": _file_hash(cache / "index.csv", cache / "spec.json"),
+        "labels": file_digest(run.labels),
+        "records": file_digest(cache / "index.csv", cache / "spec.json"),
         "pretrain": pretrain_fingerprint(run) if not run.spec.end_to_end else None,
     }
 
@@ -104,15 +94,11 @@ def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool,
     ``<folder>.stale-<k>`` (nothing is deleted) and the stage recomputes; with ``keep`` (the user named the folder
     to be shared) it is refused with the differences named.
     """
-    status, diffs = stage_status(folder, fingerprint, done_file)
+    started = any((folder / "checkpoints").glob("*.ckpt"))  # an interrupted run resumes only from the same inputs
+    status, diffs = stage_status(folder, fingerprint, done_file, in_progress=started)
     if status == "match":
         logger.info("reusing the %s in %s (same inputs)", what, folder)
         return True
-    stored = folder / FINGERPRINT_FILE
-    started = any((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else False
-    if status == "missing" and stored.exists() and started:  # an interrupted run resumes only from the same inputs
-        diffs = fingerprint_differences(json.loads(stored.read_text(encoding="utf-8")), fingerprint)
-        status = "stale" if diffs else "missing"
     if status == "stale":
         changes = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         if keep:
@@ -200,7 +186,7 @@ def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
         columns = [task.MPAP_COLUMN] + ([task.PAWP_COLUMN] if task.NAME in ("phenotype", "pawp") else [])
         ranges = {task.MPAP_COLUMN: (*task.MPAP_RANGE, "mmHg"), task.PAWP_COLUMN: (*task.PAWP_RANGE, "mmHg")}
     report = read_label_table(labels_csv, id_col, columns, {c: r for c, r in ranges.items() if c in columns})
-    problems = pd.DataFrame([p._asdict() if hasattr(p, "_asdict") else vars(p) for p in report.problems])
+    problems = pd.DataFrame([dataclasses.asdict(p) for p in report.problems])
     problems.to_csv(run.out / "label_problems.csv", index=False)
     if report.problems:
         logger.warning("%s; the cells are left out (listed in %s)", report.summary(5), run.out / "label_problems.csv")
@@ -367,7 +353,13 @@ def stage_finetune(run: RunLayout) -> None:
         features = extract_features(extractor, dataset, batch, settings.device, bar)
         np.save(out / "features.npy", features)
         info = artifacts.classifier_info(
-            vae_args(run), run.leads, hidden, dropout, run.features, features.shape[1], run.pretrain_dir
+            artifacts.read_model_args(run.pretrain_dir),
+            run.leads,
+            hidden,
+            dropout,
+            run.features,
+            features.shape[1],
+            run.pretrain_dir,
         )
         data, make = feature_dataset(features, labels), artifacts.head_factory(info)
 
@@ -385,11 +377,6 @@ def stage_finetune(run: RunLayout) -> None:
     oof.to_csv(out / "oof.csv", index=False)
     oof[["record_id", "subject_id", "label", "fold", "threshold"]].to_csv(run.folds, index=False)
     (out / "DONE").write_text("fine-tuning finished\n", encoding="utf-8")
-
-
-def vae_args(run: RunLayout) -> dict:
-    """The registry record of the run's pre-trained model, as saved beside it."""
-    return json.loads((run.pretrain_dir / artifacts.MODEL_ARGS_FILE).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

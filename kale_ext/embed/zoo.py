@@ -164,47 +164,25 @@ def _supervised(cls: type) -> Callable[..., nn.Module]:
     return build
 
 
+def _lead_vae_spec(
+    build: Callable[..., nn.Module], label: str, objective: str = "elbo", options: tuple[str, ...] = _VAE_OPTIONS
+) -> ModelSpec:
+    """A pre-trained VAE with one expert per lead: both feature modes, lead-mean features first."""
+    return ModelSpec(
+        build, label, pretrained=True, features=(LEAD_MEANS, FUSED_MEAN), objective=objective, options=options
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
-    "lsemvae": ModelSpec(
+    "lsemvae": _lead_vae_spec(
         _build_lsemvae,
         "LS-EMVAE",
-        pretrained=True,
-        features=(LEAD_MEANS, FUSED_MEAN),
-        objective="elbo",
         options=("no_poe", "no_moe", "no_gate", "use_prior", "gate_noise", "gate_top_k", *_VAE_OPTIONS),
     ),
-    "lsemvae_reference": ModelSpec(
-        _build_lsemvae_reference,
-        "LS-EMVAE (reference code)",
-        pretrained=True,
-        features=(LEAD_MEANS, FUSED_MEAN),
-        objective="reference",
-        options=_VAE_OPTIONS,
-    ),
-    "mvae": ModelSpec(
-        _build_mvae,
-        "MVAE",
-        pretrained=True,
-        features=(LEAD_MEANS, FUSED_MEAN),
-        objective="elbo",
-        options=("use_prior", *_VAE_OPTIONS),
-    ),
-    "mopoe": ModelSpec(
-        _build_mopoe,
-        "MoPoE-VAE",
-        pretrained=True,
-        features=(LEAD_MEANS, FUSED_MEAN),
-        objective="elbo",
-        options=("use_prior", *_VAE_OPTIONS),
-    ),
-    "mmvae": ModelSpec(
-        _build_mmvae,
-        "MMVAE",
-        pretrained=True,
-        features=(LEAD_MEANS, FUSED_MEAN),
-        objective="elbo",
-        options=_VAE_OPTIONS,
-    ),
+    "lsemvae_reference": _lead_vae_spec(_build_lsemvae_reference, "LS-EMVAE (reference code)", "reference"),
+    "mvae": _lead_vae_spec(_build_mvae, "MVAE", options=("use_prior", *_VAE_OPTIONS)),
+    "mopoe": _lead_vae_spec(_build_mopoe, "MoPoE-VAE", options=("use_prior", *_VAE_OPTIONS)),
+    "mmvae": _lead_vae_spec(_build_mmvae, "MMVAE", options=_VAE_OPTIONS),
     "betavae": ModelSpec(
         _build_betavae,
         "beta-VAE",

@@ -7,12 +7,13 @@ Rows are plain dicts, one per (task, method, lead setting) cell:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from kale_ext.evaluate.reports import format_mean_std
 
 METRICS = {"accuracy": "Acc", "auroc": "AUROC", "mcc": "MCC"}
 SYNTHETIC_BANNER = (
@@ -26,10 +27,7 @@ def _cell(row: Mapping[str, Any] | None, metric: str, digits: int) -> str:
         return ""
     if row.get("note"):
         return "–"
-    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+    return format_mean_std(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits, sep="±")
 
 
 def table2_markdown(

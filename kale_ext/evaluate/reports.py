@@ -228,12 +228,13 @@ def results_row(method: str, leads: str | Sequence[str], summary: Mapping[str, M
     return row
 
 
-def _cell(mean: Any, std: Any, digits: int) -> str:
+def format_mean_std(mean: Any, std: Any, digits: int = 3, sep: str = "+-") -> str:
+    """``"mean <sep> std"`` with ``digits`` decimals; ``"n/a"`` for a missing mean, the mean alone without a std."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     text = f"{float(mean):.{digits}f}"
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += f" +- {float(std):.{digits}f}"
+        text += f" {sep} {float(std):.{digits}f}"
     return text
 
 
@@ -290,7 +291,7 @@ def write_results_table(
         for setting in settings:
             row = cells.get((method, setting), {})
             for metric in TABLE_METRICS:
-                values.append(_cell(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits))
+                values.append(format_mean_std(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits))
         lines.append("| " + " | ".join(values) + " |")
     lines += ["", "Values are mean +- std (population, ddof=0) over cross-validation folds."]
 

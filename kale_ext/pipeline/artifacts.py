@@ -63,6 +63,11 @@ def is_pretrained(out_dir: str | Path) -> bool:
     return all((out_dir / name).exists() for name in (MODEL_FILE, MODEL_ARGS_FILE, DONE_FILE))
 
 
+def read_model_args(out_dir: str | Path) -> dict:
+    """The registry record (``model_args.json``) of a finished pre-training in ``out_dir``."""
+    return json.loads((Path(out_dir) / MODEL_ARGS_FILE).read_text(encoding="utf-8"))
+
+
 def load_model(
     out_dir: str | Path,
     build: Callable[..., nn.Module] = build_from_args,
@@ -81,8 +86,7 @@ def load_model(
     out_dir = Path(out_dir)
     if not is_pretrained(out_dir):
         raise FileNotFoundError(f"no finished pre-training in {out_dir}; run the pre-training stage first")
-    args = json.loads((out_dir / MODEL_ARGS_FILE).read_text(encoding="utf-8"))
-    model = build(**args)
+    model = build(**read_model_args(out_dir))
     state = torch.load(out_dir / MODEL_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -335,7 +335,7 @@ class PretrainModule(pl.LightningModule):
         """Add a batch's gate weights (K, B) to the epoch's sums: weight per expert, per-sample entropy."""
         w = torch.where(mask, weights, torch.zeros((), device=weights.device))
         entropy = -(w * torch.log(w.clamp_min(1e-12))).sum(0)  # (B,) nats
-        sums = torch.cat([w.sum(1), entropy.sum().view(1), torch.tensor([w.shape[1]], device=w.device).float()])
+        sums = torch.cat([w.sum(1), entropy.sum().view(1), w.new_full((1,), float(w.shape[1]))])  # no host copy
         self._gate_sums = sums if self._gate_sums is None else self._gate_sums + sums
 
     def on_train_epoch_end(self) -> None:

@@ -89,6 +89,18 @@ def _lead_log_sigma(log_sigma: float | Tensor, leads: int, device: torch.device)
     return value
 
 
+def _lead_mask(recon: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Check (batch, leads, time) shapes and return the (batch, leads) presence mask (all present for None)."""
+    if recon.shape != target.shape or recon.dim() != 3:
+        raise ValueError(f"recon and target must both be (batch, leads, time); got {recon.shape} and {target.shape}.")
+    batch, leads, _ = recon.shape
+    if mask is None:
+        return torch.ones((batch, leads), dtype=torch.bool, device=recon.device)
+    if mask.shape != (batch, leads):
+        raise ValueError(f"mask must be (batch, leads) = {(batch, leads)}; got {tuple(mask.shape)}.")
+    return mask
+
+
 def gaussian_recon_nll(
     recon: Tensor,
     target: Tensor,
@@ -114,13 +126,8 @@ def gaussian_recon_nll(
     Returns:
         (batch,) float32 (or (batch, leads) with ``per_lead``; 0 for absent leads).
     """
-    if recon.shape != target.shape or recon.dim() != 3:
-        raise ValueError(f"recon and target must both be (batch, leads, time); got {recon.shape} and {target.shape}.")
+    mask = _lead_mask(recon, target, mask)
     batch, leads, time = recon.shape
-    if mask is None:
-        mask = torch.ones((batch, leads), dtype=torch.bool, device=recon.device)
-    if mask.shape != (batch, leads):
-        raise ValueError(f"mask must be (batch, leads) = {(batch, leads)}; got {tuple(mask.shape)}.")
     log_sigma = _lead_log_sigma(log_sigma, leads, recon.device)
     # where, not multiply: absent leads may hold NaN placeholders.
     sq = torch.where(mask.unsqueeze(-1), (recon.float() - target.float()).square(), torch.zeros((), device=mask.device))
@@ -165,15 +172,10 @@ def multimodal_elbo(
     Returns:
         ELBOTerms(total, recon, recon_per_lead, kl).
     """
-    if recon.shape != target.shape or recon.dim() != 3:
-        raise ValueError(f"recon and target must both be (batch, leads, time); got {recon.shape} and {target.shape}.")
     if recon_reduction not in ("gaussian", "mean", "reference"):
         raise ValueError(f"recon_reduction must be 'gaussian', 'mean' or 'reference', got {recon_reduction!r}.")
+    mask = _lead_mask(recon, target, mask)
     batch, leads, _ = recon.shape
-    if mask is None:
-        mask = torch.ones((batch, leads), dtype=torch.bool, device=recon.device)
-    if mask.shape != (batch, leads):
-        raise ValueError(f"mask must be (batch, leads) = {(batch, leads)}; got {tuple(mask.shape)}.")
     weights = torch.ones(leads, device=recon.device) if lead_weights is None else lead_weights.float()
     if recon_reduction == "gaussian":
         per = gaussian_recon_nll(recon, target, mask, log_sigma, per_lead=True)  # (B, L)

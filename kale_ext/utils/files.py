@@ -281,6 +281,21 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def file_digest(*paths: str | Path, length: int = 16) -> str:
+    """Hex SHA-256 prefix of the files' bytes, read in chunks (a missing file counts as absent, not an error)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            digest.update(b"\0absent\0")
+            continue
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0end\0")
+    return digest.hexdigest()[:length]
+
+
 def short_hash(obj: Any, length: int = 16) -> str:
     """Short hex sha256 of the canonical JSON of ``obj`` (strings are hashed as their JSON form).
 

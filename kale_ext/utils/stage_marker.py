@@ -36,22 +36,31 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
     return diffs
 
 
-def stage_status(folder: str | Path, fingerprint: dict, done_file: str = "DONE") -> tuple[str, list[str]]:
+def stage_status(
+    folder: str | Path, fingerprint: dict, done_file: str = "DONE", in_progress: bool = False
+) -> tuple[str, list[str]]:
     """Whether ``folder`` holds a finished output of the same inputs.
 
     Args:
         folder: the stage's output folder.
         fingerprint: what the output would be computed from now (JSON-serialisable).
         done_file: name of the completion marker.
+        in_progress: the folder holds partial work that a rerun would resume (e.g. checkpoints); it is stale when
+            its stored fingerprint differs, since resuming it would mix inputs.
 
     Returns:
-        ``("missing", [])`` (no finished output), ``("match", [])`` or ``("stale", differences)``; an output finished
-        without a fingerprint (an older version) is stale with the difference ``"fingerprint: <absent>"``.
+        ``("missing", [])`` (nothing to reuse or resume from other inputs), ``("match", [])`` or
+        ``("stale", differences)``; an output finished without a fingerprint (an older version) is stale with the
+        difference ``"fingerprint: <absent>"``.
     """
     folder = Path(folder)
-    if not (folder / done_file).exists():
-        return "missing", []
     path = folder / FINGERPRINT_FILE
+    if not (folder / done_file).exists():
+        if in_progress and path.exists():
+            diffs = fingerprint_differences(json.loads(path.read_text(encoding="utf-8")), fingerprint)
+            if diffs:
+                return "stale", diffs
+        return "missing", []
     if not path.exists():
         return "stale", ["fingerprint: <absent> (made by an older version)"]
     diffs = fingerprint_differences(json.loads(path.read_text(encoding="utf-8")), fingerprint)

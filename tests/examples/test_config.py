@@ -34,6 +34,7 @@ def test_python_configs_are_refused_without_running_them(tmp_path):
         ("PRETRAIN.LR", "0.0", "0.0 < value"),
         ("PRETRAIN.SIGMA", "-1.0", "0.0 < value"),
         ("FINETUNE.THRESHOLD", "1.5", "(0, 1)"),
+        ("FINETUNE.THRESHOLD", "median", "youden, argmax"),
         ("DATASET.PREPROCESS.POWERLINE_HZ", "55.0", "50, 60 or 0"),
         ("DATASET.PREPROCESS.HIGHPASS_HZ", "300.0", "half of DATASET.FS"),
         ("TASK.MPAP_RANGE", "[30.0, 10.0]", "low < high"),

@@ -110,3 +110,14 @@ def test_file_lock_excludes_another_process_and_names_the_lock(tmp_path):
         holder.wait()
     with file_lock(lock, timeout_s=5):  # released by the exit of the holder, though its file stays
         assert lock.read_text() == str(os.getpid())
+
+
+def test_file_digest_follows_the_bytes_and_tells_a_missing_file(tmp_path):
+    from kale_ext.utils.files import file_digest
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("id,label\n1,0\n")
+    b.write_text("id,label\n1,1\n")
+    assert file_digest(a) == file_digest(a) != file_digest(b)
+    assert file_digest(a, b) != file_digest(b, a)  # order matters
+    assert file_digest(tmp_path / "missing") != file_digest(a) and len(file_digest(a)) == 16
