@@ -517,11 +517,40 @@ def resolve_cfg_path(name: str) -> Path:
     return found
 
 
+def check_yaml_file(path: Path) -> None:
+    """Parse a config file safely and raise a one-line ``ValueError`` naming the file and line when it cannot be used.
+
+    Refused: YAML tags such as ``!!python/object`` (configs hold plain values only; nothing is ever executed), tab
+    indentation, other syntax errors, undecodable bytes, and a top level that is not a ``KEY: value`` mapping.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config {path} is not UTF-8 text ({err.reason}); save it as UTF-8 YAML") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        if isinstance(err, yaml.constructor.ConstructorError):
+            raise ValueError(f"config {path}{where}: a YAML tag is not accepted ({problem}); configs hold plain values "
+                             "only, remove the tag")  from None  # fmt: skip
+        if "\\t" in problem or "\t" in problem:
+            raise ValueError(f"config {path}{where}: a tab character; indent YAML with spaces") from None
+        raise ValueError(f"config {path}{where} is not valid YAML ({problem}); fix it") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config {path} holds a {type(data).__name__}, not 'SECTION: KEY: value' mappings; see "
+                         f"{CONFIG_DIR / '6L.yaml'} for the layout")  # fmt: skip
+
+
 def load_cfg(cfg_files: list[str] | None = None, opts: list[str] | None = None) -> CfgNode:
     """Merge the defaults, the config files (in order) and ``KEY VALUE`` overrides; validate; freeze."""
     cfg = get_cfg_defaults()
     for name in cfg_files or []:
-        cfg.merge_from_file(str(resolve_cfg_path(name)))
+        path = resolve_cfg_path(name)
+        check_yaml_file(path)
+        cfg.merge_from_file(str(path))
     if opts:
         if len(opts) % 2:
             raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")

@@ -16,7 +16,9 @@ The stages are in ``stages.py``, the paths of a run in ``layout.py``, the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -34,9 +36,52 @@ from yacs.config import CfgNode  # noqa: E402
 
 from kale_ext.utils.console import TqdmLoggingHandler  # noqa: E402
 from kale_ext.utils.distributed import global_rank  # noqa: E402
+from kale_ext.utils.files import file_lock  # noqa: E402
 
 logger = logging.getLogger("lsemvae_ph")
 PIPELINE_STAGES = ("prepare", "pretrain", "finetune", "evaluate")
+LOCK_FILE = ".run.lock"
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM from a scheduler, SIGHUP) arrived: the run stops and exits 128 + signal.
+
+    A ``BaseException`` so that no ``except Exception`` on the way (Lightning's included) mistakes it for an error
+    to recover from; unlike Lightning's own ``SIGTERMException`` (a ``SystemExit``) it never ends with status 0.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def check_ready(layout: RunLayout, stage: str) -> None:
+    """Refuse a single stage whose inputs from earlier stages are missing, naming the stage to run first."""
+    from kale_ext.pipeline import artifacts
+
+    def need(missing: list[Path], earlier: str) -> None:
+        if missing:
+            raise FileNotFoundError(
+                f"--stage {stage} needs the outputs of --stage {earlier} ({', '.join(map(str, missing))} missing); "
+                f"run --stage {earlier} first with this config (or --stage all)"
+            )
+
+    if stage in ("pretrain", "finetune"):
+        caches = [layout.finetune_cache]
+        if stage == "pretrain" and layout.spec.pretrained and not artifacts.is_pretrained(layout.pretrain_dir):
+            caches = [layout.pretrain_cache]
+        need([c / "spec.json" for c in caches if not (c / "spec.json").is_file()], "prepare")
+        if stage == "finetune":
+            need([] if layout.labels.is_file() else [layout.labels], "prepare")
+            if not layout.spec.end_to_end:
+                need([] if artifacts.is_pretrained(layout.pretrain_dir) else [layout.pretrain_dir / "DONE"], "pretrain")
+    elif stage in ("evaluate", "predict"):
+        done = layout.finetune_dir / "DONE"
+        need([p for p in (done, layout.folds) if not p.is_file()], "finetune")
 
 
 def setup_logging(run: RunLayout) -> None:
@@ -62,8 +107,30 @@ def run(cfg: CfgNode, stage: str = "all") -> dict | None:
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not accepted; use one of: {', '.join(STAGES)}")
     layout = RunLayout.from_cfg(cfg)
+    for folder in (layout.out, *layout.out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"OUTPUT.DIR {layout.out}: {folder} is a file, not a folder; give OUTPUT.DIR a "
+                                     "folder path (it is created when missing)")  # fmt: skip
+    if global_rank() != 0:  # DDP ranks > 0 run inside the job that rank 0 holds the lock for
+        return _run_stages(layout, stage)
+    layout.out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:  # one run per output folder: a second one would overwrite the first's outputs
+            stack.enter_context(file_lock(layout.out / LOCK_FILE, timeout_s=0))
+        except TimeoutError:
+            holder = (layout.out / LOCK_FILE).read_text(encoding="utf-8").strip() or "unknown"
+            raise RuntimeError(f"OUTPUT.DIR {layout.out} is in use by another run (pid {holder}); wait for it to "
+                               "finish or give this run another OUTPUT.DIR") from None  # fmt: skip
+        return _run_stages(layout, stage)
+
+
+def _run_stages(layout: RunLayout, stage: str) -> dict | None:
+    cfg = layout.cfg
+    if stage not in ("all", "prepare", "interpret"):
+        check_ready(layout, stage)
     setup_logging(layout)
     if global_rank() == 0:
+        stages.retire_stale_outputs(layout)
         (layout.out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     names = list(PIPELINE_STAGES) if stage == "all" else [stage]
     if stage == "all" and cfg.INTERPRET.ENABLED:
@@ -115,17 +182,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
     start = time.time()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        for sig in previous:
+            signal.signal(sig, _raise_interrupted)
         summary = run(cfg, args.stage)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Interrupted as err:
+        print(f"interrupted by {err}; rerun the same command to resume", file=sys.stderr)
+        return 128 + err.signum
+    except SystemExit as err:  # Lightning ends a run it saw interrupted with SystemExit (status 0 or 1)
+        if type(err).__name__ == "SIGTERMException" or not err.code:
+            print("interrupted by SIGTERM; rerun the same command to resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return err.code if isinstance(err.code, int) else 1
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
         if args.debug:
             traceback.print_exc()
         message = str(err).strip() or type(err).__name__
         print(f"error: {message}" + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread, or a handler set from C
+                signal.signal(sig, handler)
     if summary is not None:
         layout = RunLayout.from_cfg(cfg)
         auroc, tag = summary["auroc"], " [SYNTHETIC DATA]" if layout.synthetic else ""

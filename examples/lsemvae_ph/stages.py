@@ -44,7 +44,7 @@ from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.distributed import global_rank, wait_for
-from kale_ext.utils.files import file_digest
+from kale_ext.utils.files import atomic_write_text, file_digest, short_hash
 from kale_ext.utils.stage_marker import stage_status, write_fingerprint
 
 logger = logging.getLogger("lsemvae_ph")
@@ -113,6 +113,38 @@ def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool,
     folder.mkdir(parents=True, exist_ok=True)
     write_fingerprint(folder, fingerprint)
     return False
+
+
+ROOT_OUTPUTS = ("metrics.json", "predictions.csv", "results.md", "results.csv", "roc.png", "README.md")
+OUTPUTS_RECORD = "outputs.json"  # which fine-tuned models the root outputs were computed from, with file digests
+
+
+def retire_stale_outputs(run: RunLayout) -> Path | None:
+    """Move root outputs of other fine-tuned models (or of an interrupted evaluation) to ``stale-outputs-<k>/``.
+
+    ``outputs.json`` (written last by the evaluation) names the fine-tuning fingerprint the root outputs come from;
+    outputs without it, or from another fingerprint, would describe models this run no longer has.
+
+    Returns:
+        The folder they were moved to, or None when nothing was stale.
+    """
+    present = [run.out / name for name in ROOT_OUTPUTS if (run.out / name).exists()]
+    if not present:
+        return None
+    record = run.out / OUTPUTS_RECORD
+    stored = json.loads(record.read_text(encoding="utf-8")).get("finetune") if record.is_file() else None
+    if stored == short_hash(finetune_fingerprint(run)):
+        return None
+    k = 1
+    while (run.out / f"stale-outputs-{k}").exists():
+        k += 1
+    target = run.out / f"stale-outputs-{k}"
+    target.mkdir()
+    for path in [*present, record] if record.is_file() else present:
+        shutil.move(str(path), str(target / path.name))
+    why = "made from other fine-tuned models" if stored else "not marked complete (an interrupted or older run)"
+    logger.warning("root outputs %s were %s: moved to %s", ", ".join(p.name for p in present), why, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,6 +370,7 @@ def stage_finetune(run: RunLayout) -> None:
     out, settings = run.finetune_dir, finetune_settings(run)
     if reuse_or_retire(out, finetune_fingerprint(run), "DONE", False, "fine-tuned models"):
         return
+    retire_stale_outputs(run)
     dataset = labelled_dataset(run)
     labels = np.asarray(dataset.labels)
     folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
@@ -387,6 +420,7 @@ def stage_evaluate(run: RunLayout) -> dict:
     oof_path = run.finetune_dir / "oof.csv"
     if not oof_path.exists():
         raise FileNotFoundError(f"{oof_path} not found; run --stage finetune first")
+    (run.out / OUTPUTS_RECORD).unlink(missing_ok=True)  # written again last: until then the outputs are incomplete
     subjects = subject_level(pd.read_csv(oof_path, dtype={"subject_id": str, "record_id": str}))
     y, p = subjects["label"].to_numpy(), subjects["probability"].to_numpy()
     fold_ids, thr = subjects["fold"].to_numpy(), subjects["threshold"].to_numpy()
@@ -406,6 +440,9 @@ def stage_evaluate(run: RunLayout) -> dict:
     write_results_table(rows, run.out / "results.md", run.out / "results.csv", title=title, synthetic=run.synthetic)
     plot_roc(y, p, fold_ids, run.out / "roc.png", title=("[synthetic] " if run.synthetic else "") + title)
     write_output_readme(run, summary)
+    files = {name: file_digest(run.out / name) for name in ROOT_OUTPUTS if (run.out / name).exists()}
+    record = {"finetune": short_hash(finetune_fingerprint(run)), "files": files}
+    atomic_write_text(run.out / OUTPUTS_RECORD, json.dumps(record, indent=2))
     return summary
 
 

@@ -479,6 +479,19 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
+def _check_training_batches(data: ECGPretrainDataModule, world_size: int, batch_size: int) -> None:
+    """Refuse a training part that gives some rank no batch (the stream drops a short last batch)."""
+    n_train = len(data.train_idx)
+    per_rank = n_train // max(int(world_size), 1)
+    needed = batch_size if data.use_stream else 1
+    if per_rank < needed:
+        raise ValueError(
+            f"pre-training has {n_train} training records after holding out the validation subjects, {per_rank} per "
+            f"process on {world_size} process(es): fewer than PRETRAIN.BATCH_SIZE {batch_size}, so no batch would be "
+            f"trained; set PRETRAIN.BATCH_SIZE to at most {max(per_rank, 1)}, use fewer TRAINER.DEVICES, or add records"
+        )
+
+
 def run_pretraining(
     model: nn.Module,
     objective: Objective,
@@ -555,11 +568,17 @@ def run_pretraining(
         num_sanity_val_steps=0,
         deterministic=False,
     )
+    _check_training_batches(data, trainer.world_size, settings.batch_size)
     resume = resumable_checkpoint(ckpt_dir) if settings.resume else None
     if resume is not None:
         logger.info("resuming pre-training from %s", resume)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     model_path = out_dir / "model.pt"
+    if trainer.global_step == 0:  # never mark as done a model that took no optimiser step
+        raise RuntimeError(
+            f"pre-training in {out_dir} ran no optimiser step ({len(data.train_idx)} training records, batch size "
+            f"{settings.batch_size}, {trainer.world_size} process(es)); lower PRETRAIN.BATCH_SIZE or add records"
+        )
     if trainer.is_global_zero:
         model_path = save_model(model, out_dir, build_args, extra_files)
     return PretrainResult(model_path=model_path, is_global_zero=trainer.is_global_zero, resumed_from=resume)

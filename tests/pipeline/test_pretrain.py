@@ -264,3 +264,35 @@ def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp
     with pytest.raises(pickle.UnpicklingError):
         load_model(tmp_path)
     assert not marker.exists()
+
+
+class _TinyStreamLeads(_TinyLeads):
+    """``_TinyLeads`` with the memory-map protocol, so pre-training streams it (and drops a short last batch)."""
+
+    signal_dtype = np.float32
+    num_samples = T
+
+    @property
+    def masks(self):
+        return self.mask.numpy()
+
+    def read_signals(self, indices, out=None):
+        rows = self.x[np.asarray(indices)].numpy()
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+
+def test_fewer_records_than_a_batch_are_refused_before_training_and_write_no_done(tmp_path):
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    with pytest.raises(ValueError, match=r"PRETRAIN.BATCH_SIZE 32.*at most 18"):
+        run_pretraining(_model(), _objective(), _TinyStreamLeads(), tmp_path, _settings(batch_size=32), build_args=args)
+    assert not (tmp_path / "DONE").exists() and not (tmp_path / "model.pt").exists()
+
+
+def test_a_model_without_any_optimiser_step_is_not_marked_done(tmp_path):
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
+    with pytest.raises(RuntimeError, match="no optimiser step"):
+        run_pretraining(_model(), _objective(), _TinyLeads(), tmp_path, _settings(epochs=0), build_args=args)
+    assert not is_pretrained(tmp_path)
