@@ -216,7 +216,8 @@ def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
         columns, ranges = [cfg.DATASET.LABEL_COLUMN], {}
     else:
         columns = [task.MPAP_COLUMN] + ([task.PAWP_COLUMN] if task.NAME in ("phenotype", "pawp") else [])
-        ranges = {task.MPAP_COLUMN: (*task.MPAP_RANGE, "mmHg"), task.PAWP_COLUMN: (*task.PAWP_RANGE, "mmHg")}
+        # mPAP in kPa (6-8 kPa = 45-60 mmHg) would lie inside the mmHg range: such values are listed, not used.
+        ranges = {task.MPAP_COLUMN: (*task.MPAP_RANGE, "mmHg", "kPa"), task.PAWP_COLUMN: (*task.PAWP_RANGE, "mmHg")}
     report = read_label_table(labels_csv, id_col, columns, {c: r for c, r in ranges.items() if c in columns})
     problems = pd.DataFrame([dataclasses.asdict(p) for p in report.problems])
     problems.to_csv(run.out / "label_problems.csv", index=False)

@@ -35,6 +35,7 @@ from torch.utils.data import (
 )
 
 from kale_ext.loaddata.leads import CANONICAL_LEADS, resolve_leads
+from kale_ext.utils.files import file_digest, read_npy_header
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,60 @@ def read_cache_meta(cache_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+CACHE_CHECKSUMS = ("signals.npy", "index.csv")  # files whose SHA-256 the cache builder records in spec.json
+
+
+def cache_checksums(cache_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of the cache files a dataset trusts (:data:`CACHE_CHECKSUMS`), as the builder records them."""
+    return {name: file_digest(Path(cache_dir) / name, length=64) for name in CACHE_CHECKSUMS}
+
+
+def _rebuild_advice(cache_dir: Path) -> str:
+    return f"delete the cache folder {cache_dir} and build it again (--stage prepare in the example)"
+
+
+def cache_content_problem(cache_dir: str | Path, meta: dict | None = None, content: bool = True) -> str | None:
+    """Why a complete cache cannot be trusted, or None.
+
+    Checks that ``signals.npy`` has a readable header with the shape and dtype of ``spec.json`` and, with
+    ``content``, that its bytes and ``index.csv`` match the checksums recorded at build time (a cache built before
+    checksums were recorded passes this part).
+
+    Args:
+        cache_dir: cache folder.
+        meta: its ``spec.json`` content (read when None).
+        content: also compare the checksums (reads every byte once).
+
+    Returns:
+        A one-line reason naming the file and what to do, or None.
+    """
+    cache_dir = Path(cache_dir)
+    meta = read_cache_meta(cache_dir) if meta is None else meta
+    path = cache_dir / "signals.npy"
+    try:
+        shape, dtype, _, offset = read_npy_header(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable header: the same advice
+        return f"{path} has no readable .npy header ({type(err).__name__}: {str(err).strip()[:80]}); " + (
+            _rebuild_advice(cache_dir))  # fmt: skip
+    expected = meta.get("shape")
+    size = path.stat().st_size
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if (expected is not None and list(shape) != list(expected)) or str(dtype) != meta.get("dtype", str(dtype)):
+        return f"{path} holds {dtype} {tuple(shape)}, spec.json says {meta.get('dtype')} {expected}; " + (
+            _rebuild_advice(cache_dir))  # fmt: skip
+    if size != need:
+        return f"{path} has {size:,} bytes, its header implies {need:,} (truncated or damaged); " + (
+            _rebuild_advice(cache_dir))  # fmt: skip
+    recorded = meta.get("checksums") or {}
+    if content and recorded:
+        actual = cache_checksums(cache_dir)
+        changed = [name for name in CACHE_CHECKSUMS if name in recorded and recorded[name] != actual[name]]
+        if changed:
+            return (f"{', '.join(str(cache_dir / n) for n in changed)} changed since the cache was built (checksum "
+                    "differs from spec.json); " + _rebuild_advice(cache_dir))  # fmt: skip
+    return None
+
+
 class ECGLeadDataset(Dataset):
     """Items of selected leads from a preprocessed ECG cache, with optional labels.
 
@@ -149,6 +204,8 @@ class ECGLeadDataset(Dataset):
         expected_fingerprint: a fingerprint string or a ``PreprocessSpec``-like object with ``.fingerprint()``;
             when given and different from the cache's, a ``ValueError`` is raised.
         indices: optional positions (after the label join) that restrict the dataset, e.g. one CV fold.
+        verify: compare the cache files with the checksums recorded at build time (reads them once); a damaged or
+            changed cache raises a ``ValueError`` naming the file. The ``.npy`` header is checked in any case.
 
     Items are dicts: ``signals`` (L, T) float32 tensor, ``mask`` (L,) bool tensor, ``record_id`` (str),
     ``subject_id`` (str) and, with labels, ``label`` (int64 scalar tensor). Whole batches: ``get_batch`` (float32
@@ -174,9 +231,13 @@ class ECGLeadDataset(Dataset):
         id_column: str = "subject_id",
         expected_fingerprint: Any = None,
         indices: Sequence[int] | np.ndarray | None = None,
+        verify: bool = False,
     ):
         self.cache_dir = Path(cache_dir)
         meta = read_cache_meta(self.cache_dir)
+        problem = cache_content_problem(self.cache_dir, meta, content=verify)
+        if problem:
+            raise ValueError(problem)
         self.fingerprint = str(meta["fingerprint"])
         if expected_fingerprint is not None:
             expected = expected_fingerprint

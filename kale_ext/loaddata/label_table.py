@@ -1,10 +1,12 @@
 """Label tables from clinical spreadsheets: tolerant reading, strict numbers, and a check of the id join.
 
-Clinical tables arrive as CSV exports in UTF-8 or in a Windows code page, with ``;`` or ``,`` separators, and with
-cells such as ``25 mmHg``, ``31,5``, ``n/a`` or ``9999``. :func:`read_label_table` reads such a file without a
-``UnicodeDecodeError`` (UTF-8, then cp1252, then Latin-1), parses the requested columns strictly and lists every
-cell it could not take as a number as a :class:`LabelProblem` with its row number and a message that says what to
-fix. Nothing is guessed: a refused cell becomes NaN.
+Clinical tables arrive as CSV exports in UTF-8, UTF-16 (Excel "Unicode Text") or a Windows code page, with ``;``,
+``,`` or tab separators, and with cells such as ``25 mmHg``, ``31,5``, ``n/a`` or ``9999``. :func:`read_label_table`
+reads such a file without a ``UnicodeDecodeError`` (a UTF-16 byte-order mark or UTF-16 byte pattern, else UTF-8, then
+cp1252, then Latin-1; an Excel workbook renamed ``.csv`` is refused by name), parses the requested columns strictly
+and lists every cell it could not take as a number as a :class:`LabelProblem` with its row number and a message that
+says what to fix. Nothing is guessed: a refused cell becomes NaN. Pressures in another unit are converted only when a
+``<column>_unit`` column says so; values plausible only in kPa within a mmHg column can be refused (``suspect_unit``).
 
 :func:`match_labels` then checks a label table against the record or subject ids of a cache before any training:
 the match rate, the ids on either side without a partner, the class counts and the problems that make a run
@@ -47,7 +49,7 @@ class LabelProblem:
         column: column name.
         value: the cell as written.
         kind: ``unit_in_cell``, ``decimal_comma``, ``missing_code``, ``not_a_number``, ``out_of_range``,
-            ``missing_id`` or ``duplicate_id``.
+            ``suspect_unit`` (plausible only in another unit), ``unknown_unit``, ``missing_id`` or ``duplicate_id``.
         message: one line saying where, what and what to do.
     """
 
@@ -73,7 +75,7 @@ class LabelTableReport:
             refused). Later rows repeating an id are dropped (and reported).
         id_column: name of the id column.
         columns: the numeric columns parsed.
-        encoding: the text encoding that decoded the file (``utf-8``, ``cp1252`` or ``latin-1``).
+        encoding: the text encoding that decoded the file (``utf-8``, ``utf-16``, ``cp1252`` or ``latin-1``).
         delimiter: the field separator found in the header line.
         problems: every refused cell or id, in file order.
         n_rows: data rows read (blank lines excluded).
@@ -102,7 +104,36 @@ class LabelTableReport:
         return "\n".join(lines)
 
 
-def _decode(data: bytes) -> tuple[str, str]:
+_WORKBOOK_MAGIC = {
+    b"PK\x03\x04": "an Excel workbook (.xlsx, a zip archive)",
+    b"\xd0\xcf\x11\xe0": "an Excel 97-2003 workbook (.xls)",
+}
+
+
+def _utf16_encoding(data: bytes) -> str | None:
+    """``utf-16`` for a UTF-16 byte-order mark, ``utf-16-le``/``-be`` for BOM-less UTF-16 text, else None."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    head = data[:200]
+    if len(head) >= 4 and head[1::2].count(0) > 0.9 * len(head[1::2]) and head[0::2].count(0) == 0:
+        return "utf-16-le"
+    if len(head) >= 4 and head[0::2].count(0) > 0.9 * len(head[0::2]) and head[1::2].count(0) == 0:
+        return "utf-16-be"
+    return None
+
+
+def _decode(data: bytes, path: Path | None = None) -> tuple[str, str]:
+    for magic, what in _WORKBOOK_MAGIC.items():
+        if data.startswith(magic):
+            raise ValueError(f"label table {path} is {what}, not CSV text; open it in the spreadsheet program and save "
+                             "it as CSV (UTF-8)")  # fmt: skip
+    utf16 = _utf16_encoding(data)
+    if utf16:
+        try:
+            return data.decode(utf16).lstrip("\ufeff"), utf16
+        except UnicodeDecodeError:
+            raise ValueError(f"label table {path} looks like UTF-16 text (Excel 'Unicode Text') but does not decode; "
+                             "save it as CSV (UTF-8)") from None  # fmt: skip
     for encoding in _ENCODINGS:
         try:
             text = data.decode(encoding)
@@ -169,6 +200,57 @@ def _parse_cell(text: str, row: int, column: str, bounds) -> tuple[float, LabelP
     return value, None
 
 
+# Factors to mmHg of the pressure units a haemodynamics table may mix (a merged table with some rows in kPa).
+PRESSURE_UNITS = {"mmhg": 1.0, "kpa": 7.50062, "cmh2o": 0.735559}
+SUSPECT_FRACTION = 1 / 3  # an in-range value below this share of the column median is checked as another unit
+
+
+def _to_range_unit(cell: str, unit: str, row: int, column: str, bounds) -> tuple[str, LabelProblem | None]:
+    """Convert a cell written in the row's unit (a ``<column>_unit`` cell) to the unit of the column's range."""
+    target = str(bounds[2]).strip().lower() if bounds is not None and len(bounds) > 2 and bounds[2] else ""
+    given = unit.strip().lower().replace(" ", "")
+    if not cell.strip() or not given or given == target or target not in PRESSURE_UNITS:
+        return cell, None
+    if given not in PRESSURE_UNITS:
+        msg = (f"{_where(row, column + '_unit')}: unit {unit!r} is not known; use one of "
+               f"{', '.join(PRESSURE_UNITS)} (or leave it empty for {bounds[2]})")  # fmt: skip
+        return "", LabelProblem(row, f"{column}_unit", unit, "unknown_unit", msg)
+    try:
+        value = float(cell.strip())
+    except ValueError:
+        return cell, None  # _parse_cell reports it
+    return repr(value * PRESSURE_UNITS[given] / PRESSURE_UNITS[target]), None
+
+
+def _flag_other_unit(records: list[dict], rows: list[int], column: str, bounds) -> list[LabelProblem]:
+    """Flag in-range values that are plausible only in another pressure unit (kPa rows in a mmHg column).
+
+    Only for a column whose range names that other unit (``(low, high, "mmHg", "kPa")``). A value ``v`` is flagged
+    when it is below :data:`SUSPECT_FRACTION` of the column's median and ``v`` read in the other unit also lies in the
+    plausible range: e.g. mPAP 6.5 among values around 30 mmHg is 48.8 mmHg if the row is in kPa. The cell is left
+    out (NaN) and listed as ``suspect_unit``; a ``<column>_unit`` column settles it.
+    """
+    unit = str(bounds[2]).strip().lower() if bounds is not None and len(bounds) > 2 and bounds[2] else ""
+    other = str(bounds[3]).strip().lower() if bounds is not None and len(bounds) > 3 and bounds[3] else ""
+    if unit not in PRESSURE_UNITS or other not in PRESSURE_UNITS or other == unit:
+        return []
+    factor = PRESSURE_UNITS[other] / PRESSURE_UNITS[unit]
+    values = pd.Series([r[column] for r in records], dtype=float)
+    if values.notna().sum() < 5:
+        return []
+    median, low, high = float(values.median()), float(bounds[0]), float(bounds[1])
+    out = []
+    for i, value in values.items():
+        converted = value * factor
+        if value < SUSPECT_FRACTION * median and low <= converted <= high:
+            msg = (f"{_where(rows[i], column)}: {value:g} is far below the column's median {median:g} {bounds[2]} and "
+                   f"would be {converted:.1f} {bounds[2]} if the row is in {bounds[3]}; convert it (x {factor:.6g}) or "
+                   f"add a {column}_unit column ({bounds[2]}/{bounds[3]}); the cell is left out")  # fmt: skip
+            out.append(LabelProblem(rows[i], column, f"{value:g}", "suspect_unit", msg))
+            records[i][column] = float("nan")
+    return out
+
+
 def read_label_table(
     path: str | Path,
     id_column: str,
@@ -183,7 +265,11 @@ def read_label_table(
         id_column: column holding the record or subject ids (kept as text; ``12.0`` is read as ``12``).
         columns: columns to parse as numbers.
         ranges: per column ``(low, high, unit)``: values outside ``[low, high]`` are refused as ``out_of_range``
-            and the unit is named in the messages (``unit`` may be omitted: ``(low, high)``).
+            and the unit is named in the messages (``unit`` may be omitted: ``(low, high)``). For a pressure unit
+            (:data:`PRESSURE_UNITS`), a ``<column>_unit`` column (e.g. ``mPAP_unit`` with ``mmHg``/``kPa``) is
+            honoured row by row (values converted to the range's unit); without one, a fourth element names a unit
+            to watch for (``(5, 100, "mmHg", "kPa")``): in-range values plausible only in that unit are refused as
+            ``suspect_unit`` (see :func:`_flag_other_unit`).
 
     Returns:
         :class:`LabelTableReport`; its ``problems`` list every refused cell with its row and a fix.
@@ -197,7 +283,7 @@ def read_label_table(
     if not path.is_file():
         raise FileNotFoundError(f"label table {path} does not exist; give the path of the CSV file")
     ranges = dict(ranges or {})
-    text, encoding = _decode(path.read_bytes())
+    text, encoding = _decode(path.read_bytes(), path)
     delimiter = _delimiter(text)
     rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     if not rows:
@@ -207,6 +293,14 @@ def read_label_table(
         if name not in header:
             raise ValueError(f"label table {path} has no column {name!r}; it has: {', '.join(header)}")
     where = {name: header.index(name) for name in header}
+    lowered = {h.lower(): h for h in header}
+    unit_columns = {
+        name: lowered[f"{name.lower()}{sep}unit"]
+        for name in columns
+        for sep in ("_", " ")
+        if f"{name.lower()}{sep}unit" in lowered
+    }
+    row_numbers: list[int] = []
     problems: list[LabelProblem] = []
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
@@ -239,13 +333,23 @@ def read_label_table(
         record: dict[str, Any] = {id_column: rid}
         for name in columns:
             cell = fields[where[name]]
-            value, problem = _parse_cell(cell, number, name, ranges.get(name))
+            bounds = ranges.get(name)
+            if name in unit_columns:
+                cell, problem = _to_range_unit(cell, fields[where[unit_columns[name]]], number, name, bounds)
+                if problem is not None:
+                    problems.append(problem)
+            value, problem = _parse_cell(cell, number, name, bounds)
             if problem is not None:
                 problems.append(problem)
             elif not cell.strip():
                 missing[name] += 1
             record[name] = value
         records.append(record)
+        row_numbers.append(number)
+    for name in columns:
+        if name not in unit_columns:
+            problems += _flag_other_unit(records, row_numbers, name, ranges.get(name))
+    problems.sort(key=lambda p: p.row)
     table = pd.DataFrame(records, columns=[id_column, *columns])
     table[id_column] = table[id_column].astype(str)
     for name in columns:

@@ -8,6 +8,10 @@ needed to use a trained model.
   and a ``DONE`` marker, written last.
 - Fine-tuning folder: ``classifier.json`` (what the fold classifiers are) and ``fold<k>/model.pt`` +
   ``fold<k>/metrics.json`` per fold.
+
+Every ``model.pt`` is written to a temporary file and renamed (a full disk or a kill leaves no half file under the
+final name) and gets a ``model.pt.sha256`` beside it; loading checks it, and :func:`damaged_models` lists the models
+of a folder that no longer match, so a stage does not trust a ``DONE`` marker over a damaged model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from kale_ext.embed.zoo import build_from_args, model_spec
 from kale_ext.pipeline.finetune import MaskedInputClassifier
 from kale_ext.predict.heads import ClassificationHead, FeatureClassifier, LatentFeatureExtractor
-from kale_ext.utils.files import atomic_write_text
+from kale_ext.utils.files import atomic_write, atomic_write_text, checksum_problem, write_checksum
 
 MODEL_FILE = "model.pt"
 MODEL_ARGS_FILE = "model_args.json"
@@ -46,15 +50,43 @@ def save_model(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = out_dir / (MODEL_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out_dir / MODEL_FILE)
+    save_state(model, out_dir / MODEL_FILE)
     atomic_write_text(out_dir / MODEL_ARGS_FILE, json.dumps(build_args or {}, indent=2))
     for name, text in (extra_files or {}).items():
         atomic_write_text(out_dir / name, text)
     atomic_write_text(out_dir / DONE_FILE, "pre-training finished\n")
     return out_dir / MODEL_FILE
+
+
+def save_state(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s state dict (on CPU) to ``path`` atomically, then its checksum beside it."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)
+    write_checksum(path)
+    return Path(path)
+
+
+def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """Read a state dict written by :func:`save_state`, refusing a file that fails its checksum or does not load.
+
+    Raises:
+        ValueError: one line naming the file and saying which stage to rerun.
+    """
+    path = Path(path)
+    rerun = "the fine-tuning" if path.parent.name.startswith("fold") else "the pre-training"
+    problem = checksum_problem(path)
+    if problem:
+        raise ValueError(f"{problem}; delete {path.parent} and rerun {rerun}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated zip archive, a pickle error: all mean "damaged"
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err).strip()[:120]}); delete "
+                         f"{path.parent} and rerun {rerun}") from err  # fmt: skip
+
+
+def damaged_models(folder: str | Path) -> list[str]:
+    """Reasons, one per ``model.pt`` under ``folder`` (any depth) that fails the checksum recorded beside it."""
+    return [p for p in (checksum_problem(m) for m in sorted(Path(folder).rglob(MODEL_FILE))) if p]
 
 
 def is_pretrained(out_dir: str | Path) -> bool:
@@ -87,7 +119,7 @@ def load_model(
     if not is_pretrained(out_dir):
         raise FileNotFoundError(f"no finished pre-training in {out_dir}; run the pre-training stage first")
     model = build(**read_model_args(out_dir))
-    state = torch.load(out_dir / MODEL_FILE, map_location=device, weights_only=True)
+    state = load_state(out_dir / MODEL_FILE, device)
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -161,7 +193,7 @@ def save_fold_classifier(out_dir: str | Path, fold: int, model: nn.Module, metri
     """Write ``fold<k>/model.pt`` (state dict) and ``fold<k>/metrics.json``; returns the fold folder."""
     folder = Path(out_dir) / f"fold{int(fold)}"
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / MODEL_FILE)
+    save_state(model, folder / MODEL_FILE)
     atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
     return folder
 
@@ -191,7 +223,7 @@ def load_fold_classifier(out_dir: str | Path, fold: int, device: str = "cpu") ->
     if not path.exists() or not info_path.exists():
         raise FileNotFoundError(f"{path} or {info_path} not found; run the fine-tuning stage first")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = load_state(path, device)
     if info["kind"] == "head":
         head = head_factory(info)()
         head.load_state_dict(state)

@@ -11,7 +11,8 @@ Cache layout (``out_dir``):
 - ``sources.csv``: one row per input record: ``record_id, source_path, stamp`` (sizes and modification times of its
   files): the source fingerprint, used to tell which records changed.
 - ``spec.json``: lead names, the :class:`~kale_ext.prepdata.ecg_transforms.PreprocessSpec`, its fingerprint, the
-  source fingerprint, the QC counts and the signal shape. It is written last: its presence marks a complete cache.
+  source fingerprint, the QC counts, the signal shape and the SHA-256 of ``signals.npy`` and ``index.csv`` (checked
+  when the cache is reused). It is written last: its presence marks a complete cache.
 
 Safety: a builder holds a lock on ``out_dir/.lock`` (a shard on its own folder), so a second concurrent builder
 waits (up to ``lock_timeout_s``) and then finds the finished cache instead of interleaving writes. An existing cache
@@ -49,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kale_ext.loaddata.ecg_dataset import cache_checksums, cache_content_problem
 from kale_ext.loaddata.leads import CANONICAL_LEADS, resolve_leads
 from kale_ext.loaddata.wfdb_sources import RecordReadError, RecordRef, find_header, list_records, read_record
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec, QualityError, preprocess_record
@@ -442,6 +444,7 @@ def _assemble(
         "source": manifest["source"],
         "qc_counts": counts,
         "masked_leads": masked,
+        "checksums": cache_checksums(out_dir),  # verified when the cache is reused
     }
     atomic_write_text(out_dir / "spec.json", json.dumps(meta, indent=2, sort_keys=True) + "\n", fsync=True)
     report = _report_from_cache(out_dir, meta)
@@ -486,7 +489,8 @@ def cache_matches(
         source_kind: ``"auto"`` or a kind of :func:`~kale_ext.loaddata.wfdb_sources.list_records`.
 
     Returns:
-        ``True`` when the cache can be reused, else a one-line ``str`` saying what differs (a non-empty string is
+        ``True`` when the cache can be reused, else a one-line ``str`` saying what differs, including cache files
+        changed or damaged since the build (checksums in ``spec.json``) (a non-empty string is
         truthy: test the result with ``is True``).
     """
     out_dir = Path(out_dir).resolve()
@@ -498,6 +502,8 @@ def cache_matches(
         source, spec, resolve_leads(leads), dtype or existing["dtype"], 1, source_kind
     )
     diff = _describe_difference(existing, manifest, _read_sources(out_dir / _SOURCES_FILE), sources)
+    if not diff:
+        diff = cache_content_problem(out_dir, existing) or ""
     return True if not diff else f"cache {out_dir} differs: {diff}"
 
 
@@ -572,6 +578,7 @@ def prepare_ecg_cache(
         existing = _load_complete(out_dir)
         if existing is not None:
             diff = _describe_difference(existing, manifest, _read_sources(out_dir / _SOURCES_FILE), sources)
+            diff = diff or cache_content_problem(out_dir, existing) or ""
             if not diff:
                 logger.info("cache %s is already complete and matches its source; nothing to do", out_dir)
                 report = _report_from_cache(out_dir, existing, time.perf_counter() - start)

@@ -307,3 +307,39 @@ def short_hash(obj: Any, length: int = 16) -> str:
         Lower-case hex string of ``length`` characters.
     """
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def write_checksum(path: str | Path) -> str:
+    """Record the SHA-256 of ``path``'s bytes in ``<path>.sha256`` (atomically) and return it.
+
+    Written right after the file itself, so a later reader can tell a complete file from a truncated or altered one
+    (:func:`checksum_problem`).
+    """
+    path = Path(path)
+    digest = file_digest(path, length=64)
+    atomic_write_text(path.with_name(path.name + CHECKSUM_SUFFIX), f"{digest}  {path.name}\n")
+    return digest
+
+
+def checksum_problem(path: str | Path) -> str | None:
+    """Why ``path`` does not match the checksum recorded beside it, or None when it matches or none was recorded.
+
+    Args:
+        path: a file written with :func:`write_checksum` beside it.
+
+    Returns:
+        A one-line reason naming the file (missing, or content differs from the record), or None.
+    """
+    path = Path(path)
+    record = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not record.is_file():
+        return None  # written by a version that kept no checksum
+    if not path.is_file():
+        return f"{path} is missing (its checksum {record.name} is there)"
+    expected = record.read_text(encoding="utf-8").split()[0] if record.read_text(encoding="utf-8").strip() else ""
+    if file_digest(path, length=64) != expected:
+        return f"{path} does not match the checksum recorded when it was written (truncated or changed)"
+    return None

@@ -111,3 +111,38 @@ def test_match_labels_takes_a_report_and_normalises_ids(tmp_path):
     rep = read_label_table(path, "subject_id", ["label"], {"label": (0, 1, "class")})
     m = match_labels(rep, ["1", "2", "3", "4"], n_splits=2)
     assert m.n_matched == 4 and m.ok and m.class_counts == {0: 2, 1: 2}
+
+
+def test_excel_files_saved_as_csv_are_named_and_utf16_tables_decoded(tmp_path):
+    text = "subject_id\tmPAP\ns1\t25\ns2\t31.5\n"
+    for encoding, name in (("utf-16", "utf-16"), ("utf-16-le", "utf-16-le")):
+        path = tmp_path / f"{name}.csv"
+        path.write_bytes(text.encode(encoding))
+        rep = read_label_table(path, "subject_id", ["mPAP"], RANGES)
+        assert rep.encoding == name and rep.delimiter == "\t" and rep.table["mPAP"].tolist() == [25.0, 31.5]
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"PK\x03\x04\x14\x00\x06\x00" + b"\x00" * 40)
+    with pytest.raises(ValueError, match=r"labels.csv is an Excel workbook.*save it as CSV"):
+        read_label_table(path, "subject_id", ["mPAP"])
+
+
+def test_kpa_rows_in_a_mmhg_column_are_listed_or_converted_by_a_unit_column(tmp_path):
+    ranges = {"mPAP": (5.0, 100.0, "mmHg", "kPa")}
+    rows = ["id,mPAP"] + [f"s{i},{v}" for i, v in enumerate([28, 35, 41, 25, 33, 6.5, 7.2, 30, 18])]
+    path = tmp_path / "merged.csv"
+    path.write_text("\n".join(rows) + "\n")
+    rep = read_label_table(path, "id", ["mPAP"], ranges)
+    flagged = {p.row: p for p in rep.problems}
+    assert set(flagged) == {6, 7} and all(p.kind == "suspect_unit" for p in flagged.values())
+    assert "48.8 mmHg if the row is in kPa" in flagged[6].message and "mPAP_unit" in flagged[6].message
+    assert rep.table.set_index("id")["mPAP"][["s5", "s6"]].isna().all()
+    assert rep.table.set_index("id").loc["s8", "mPAP"] == 18.0  # low but plausible in mmHg: kept
+    # a unit column settles it: kPa rows are converted, nothing is left out
+    units = ["mmHg"] * 5 + ["kPa", "kpa"] + ["", "mmHg"]
+    rows = ["id,mPAP,mPAP_unit"] + [
+        f"s{i},{v},{u}" for i, (v, u) in enumerate(zip([28, 35, 41, 25, 33, 6.5, 7.2, 30, 18], units))
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    rep = read_label_table(path, "id", ["mPAP"], ranges)
+    assert not rep.problems
+    assert np.isclose(rep.table.set_index("id").loc["s5", "mPAP"], 6.5 * 7.50062)

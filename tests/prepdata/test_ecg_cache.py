@@ -352,3 +352,30 @@ def test_two_concurrent_builders_one_waits_nothing_lost(folder, tmp_path):
         )
     err = json.loads(proc.stdout)["error"]
     assert f"holds the lock {out / '.lock'}" in err and f"pid {os.getpid()}" in err
+
+
+def test_changed_or_damaged_cache_is_detected_on_reuse_and_named(folder, tmp_path):
+    from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+
+    out = tmp_path / "cache"
+    prepare_ecg_cache(folder, out, spec=SPEC, leads="12L", num_workers=0, progress=False)
+    assert cache_matches(out, folder, SPEC, "12L") is True
+    signals = np.load(out / "signals.npy", mmap_mode="r+")
+    signals[0, 0, :200] = 1e6  # values overwritten after the build
+    signals.flush()
+    del signals
+    why = cache_matches(out, folder, SPEC, "12L")
+    assert why is not True and "signals.npy" in why and "delete the cache folder" in why
+    with pytest.raises(ValueError, match="changed since the cache was built"):
+        ECGLeadDataset(out, leads="12L", verify=True)
+    # a rebuild with overwrite replaces it; a reuse without overwrite refuses
+    with pytest.raises(ValueError, match="signals.npy"):
+        prepare_ecg_cache(folder, out, spec=SPEC, leads="12L", num_workers=0, progress=False)
+    prepare_ecg_cache(folder, out, spec=SPEC, leads="12L", num_workers=0, progress=False, overwrite=True)
+    assert cache_matches(out, folder, SPEC, "12L") is True
+    # a damaged .npy header: the file and the advice are named, not "mmap length is greater than file size"
+    raw = bytearray((out / "signals.npy").read_bytes())
+    raw[10:40] = b"{'descr': '<f4', 'shape': (99,"
+    (out / "signals.npy").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"signals.npy .*delete the cache folder"):
+        ECGLeadDataset(out, leads="12L")
