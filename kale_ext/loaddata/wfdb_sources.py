@@ -17,8 +17,10 @@ splits stay correct.
 
 Listing a header tree follows symbolic links to folders (each real folder is visited once, so a link loop ends) and
 matches the header suffix in any case (``.hea``, ``.HEA``). Reading checks the header before ``wfdb`` sees it: an empty
-or garbled header, and a header without a positive sampling frequency, raise :class:`RecordReadError` with a reason
-(``wfdb`` itself would assume 250 Hz for a missing frequency and fail with an ``IndexError`` on an empty file).
+or garbled header, a header without a plausible sampling frequency (50 Hz to 20 kHz), a signal file whose size
+disagrees with the header's format and length, and a non-ASCII record name raise :class:`RecordReadError` with a
+reason (``wfdb`` itself would assume 250 Hz for a missing frequency, fail with an ``IndexError`` on an empty file and
+decode a 16-bit file declared as format 212 into plausible but wrong values).
 """
 
 import logging
@@ -78,7 +80,7 @@ class RawRecord:
 
 
 class RecordReadError(ValueError):
-    """A record refused while reading; ``reason`` is ``"unreadable"`` or ``"bad_sampling_rate"``.
+    """A record refused while reading; ``reason`` is ``"unreadable"``, ``"bad_sampling_rate"`` or ``"signal_size"``.
 
     Attributes:
         reason: short machine-readable reason (the first field of the QC reason).
@@ -310,7 +312,69 @@ def header_sampling_rate(header: str | Path) -> float:
         raise RecordReadError(
             "bad_sampling_rate", f"header {header.name}: sampling frequency {fs:g} Hz is not positive; fix the header"
         )
+    if not MIN_FS_HZ <= fs <= MAX_FS_HZ:
+        raise RecordReadError(
+            "bad_sampling_rate",
+            f"header {header.name}: sampling frequency {fs:g} Hz is outside the plausible {MIN_FS_HZ:g}-{MAX_FS_HZ:g} "
+            "Hz of an ECG (a value in kHz?); write it in Hz in the record line",
+        )
     return fs
+
+
+# A plausible ECG sampling frequency: below, a rate written in kHz (0.5) or a garbled header; above, no ECG device.
+MIN_FS_HZ = 50.0
+MAX_FS_HZ = 20_000.0
+# Bytes per sample of the WFDB signal formats (212: two samples in 3 bytes; 310/311: three samples in 4 bytes).
+_FORMAT_BYTES = {"8": 1.0, "80": 1.0, "16": 2.0, "61": 2.0, "160": 2.0, "24": 3.0, "32": 4.0, "212": 1.5,
+                 "310": 4 / 3, "311": 4 / 3}  # fmt: skip
+_SIGNAL_SPEC = re.compile(r"^(?P<fmt>\d+)(?:x(?P<spf>\d+))?(?::-?\d+)?(?:\+(?P<offset>\d+))?$")
+
+
+def check_signal_files(header: str | Path) -> None:
+    """Compare each signal file's size with what the header's format, signal count and length imply.
+
+    A header that declares another format than the file holds (212 for a 16-bit file) decodes into plausible but
+    wrong values, and a truncated file into a shorter record; both are refused here. Headers without a sample count,
+    multi-segment records, missing files (``wfdb`` reports those) and compressed formats are not checked.
+
+    Args:
+        header: path of the ``.hea`` file (already checked by :func:`header_sampling_rate`).
+
+    Raises:
+        RecordReadError: ``signal_size`` naming the file, its size and the size the header implies.
+    """
+    header = Path(header)
+    lines = [ln.strip() for ln in header.read_bytes().decode("latin-1").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    tokens = lines[0].split()
+    if "/" in tokens[0] or len(tokens) < 4 or not tokens[3].isdigit():
+        return
+    n_signals, sig_len = int(tokens[1]), int(tokens[3])
+    files: dict[str, list] = {}
+    for line in lines[1 : 1 + n_signals]:
+        fields = line.split()
+        if len(fields) < 2:
+            return
+        match = _SIGNAL_SPEC.match(fields[1])
+        if match is None or match["fmt"] not in _FORMAT_BYTES:
+            return
+        entry = files.setdefault(fields[0], [match["fmt"], int(match["offset"] or 0), 0])
+        if entry[0] != match["fmt"]:
+            return
+        entry[2] += int(match["spf"] or 1)
+    for name, (fmt, offset, per_frame) in files.items():
+        path = header.parent / name
+        if not path.is_file():
+            continue
+        expected = offset + math.ceil(sig_len * per_frame * _FORMAT_BYTES[fmt])
+        size = path.stat().st_size
+        if size < expected or size > expected + max(16, expected // 100):
+            raise RecordReadError(
+                "signal_size",
+                f"{path.name} has {size:,} bytes but header {header.name} (format {fmt}, {per_frame} signal(s), "
+                f"{sig_len} samples) implies {expected:,}; the header's format or length is wrong or the file is "
+                "truncated: re-export the record",
+            )
 
 
 def _rdrecord(header: Path):
@@ -340,11 +404,19 @@ def read_record(path: str | Path) -> RawRecord:
         :class:`RawRecord`; signals are (C, T) float64 in mV, NaN where the file marks samples missing.
 
     Raises:
-        RecordReadError: missing, empty or garbled header, missing/zero/negative sampling frequency, no signals.
+        RecordReadError: missing, empty or garbled header, missing or implausible sampling frequency, a signal file
+            whose size disagrees with the header, a non-ASCII name, no signals.
         Exception: whatever ``wfdb`` raises for a corrupt signal file (callers turn it into a QC reason).
     """
     header = find_header(path)
-    header_sampling_rate(header)  # refuses a missing or non-positive frequency before wfdb guesses one
+    if not header.name.isascii():  # wfdb drops such letters and then names another file in its error
+        raise RecordReadError(
+            "unreadable",
+            f"record {header.with_suffix('')} has a non-ASCII character in its name, which WFDB cannot open; rename "
+            "its files (and the names inside its header) to ASCII",
+        )
+    header_sampling_rate(header)  # refuses a missing, non-positive or implausible frequency before wfdb guesses one
+    check_signal_files(header)  # a format or length that disagrees with the file size
     record = _rdrecord(header)
     if record.p_signal is None or record.n_sig == 0:
         raise RecordReadError("unreadable", f"record {header.name} has no signals; it needs at least one ECG lead")

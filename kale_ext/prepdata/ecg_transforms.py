@@ -35,6 +35,7 @@ import numpy as np
 from scipy import signal as sps
 
 from kale_ext.loaddata.leads import CANONICAL_LEADS, derive_limb_leads, map_channels, resolve_leads
+from kale_ext.loaddata.wfdb_sources import MAX_FS_HZ, MIN_FS_HZ
 from kale_ext.utils.files import short_hash
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 QC_REASONS = (
     "unreadable",
     "bad_sampling_rate",
+    "signal_size",
     "missing_lead",
     "all_nan_lead",
     "nan_fraction",
@@ -417,6 +419,12 @@ def preprocess_record(
     spec = spec or PreprocessSpec()
     if not (np.isfinite(fs) and fs > 0):
         raise QualityError("bad_sampling_rate", f"{fs} Hz is not a positive sampling rate; fix the record header")
+    if not MIN_FS_HZ <= fs <= MAX_FS_HZ:  # e.g. 0.002 Hz would be upsampled 250,000x: memory, not an ECG
+        raise QualityError(
+            "bad_sampling_rate",
+            f"{fs:g} Hz is outside the plausible {MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz of an ECG (a value in kHz?); fix the "
+            "record header",
+        )
     cache_leads = resolve_leads(leads)
     if spec.required_leads is not None:
         required = spec.required_leads

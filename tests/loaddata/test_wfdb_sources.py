@@ -157,3 +157,51 @@ def test_listing_follows_symlinks_once_and_reads_upper_case_headers(tmp_path):
     np.testing.assert_allclose(raw.signals, sig, atol=0.5 / 200 + 1e-9)
     assert raw.fs == 100 and raw.channel_names == ("I", "II")
     assert header_sampling_rate(real / "a" / "r1.hea") == 100.0
+
+
+@pytest.mark.parametrize(
+    "record_line, words",
+    [("r 2 0.5 50", "0.5 Hz is outside the plausible"), ("r 2 0.002 50", "(a value in kHz?)"),
+     ("r 2 50000 50", "50000 Hz is outside")],
+)  # fmt: skip
+def test_implausible_sampling_frequencies_are_refused_before_any_resampling(tmp_path, record_line, words):
+    _write(tmp_path, "r", np.zeros((2, 50)), ["I", "II"])
+    _header_variant(tmp_path, "x", record_line)
+    with pytest.raises(RecordReadError) as err:
+        read_record(tmp_path / "x")
+    assert err.value.reason == "bad_sampling_rate" and words in str(err.value)
+
+
+def test_a_header_format_or_length_that_disagrees_with_the_signal_file_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    _write(tmp_path, "r", rng.normal(size=(2, 400)), ["I", "II"])
+    assert read_record(tmp_path / "r").signals.shape == (2, 400)
+    text = (tmp_path / "r.hea").read_text()
+    (tmp_path / "r.hea").write_text(text.replace(".dat 16 ", ".dat 212 "))  # a 16-bit file declared as 212
+    with pytest.raises(RecordReadError) as err:
+        read_record(tmp_path / "r")
+    assert err.value.reason == "signal_size" and "r.dat has 1,600 bytes" in str(err.value)
+    assert "implies 1,200" in str(err.value)
+    (tmp_path / "r.hea").write_text(text)
+    data = (tmp_path / "r.dat").read_bytes()
+    (tmp_path / "r.dat").write_bytes(data[:1000])  # truncated
+    with pytest.raises(RecordReadError, match="truncated"):
+        read_record(tmp_path / "r")
+
+
+def test_real_headers_and_signal_files_agree(cinc_dir):
+    from kale_ext.loaddata.wfdb_sources import check_signal_files, iter_headers
+
+    headers = list(iter_headers(cinc_dir))
+    assert headers
+    for header in headers:
+        check_signal_files(header)
+
+
+def test_a_non_ascii_record_name_is_named_as_it_is(tmp_path):
+    _write(tmp_path, "rec", np.zeros((2, 50)), ["I", "II"])
+    (tmp_path / "r\u00e9c.hea").write_text((tmp_path / "rec.hea").read_text().replace("rec", "r\u00e9c"))
+    (tmp_path / "rec.dat").rename(tmp_path / "r\u00e9c.dat")
+    with pytest.raises(RecordReadError) as err:
+        read_record(tmp_path / "r\u00e9c")
+    assert "r\u00e9c" in str(err.value) and "non-ASCII" in str(err.value) and "rename" in str(err.value)
