@@ -129,7 +129,7 @@ def _run_stages(layout: RunLayout, stage: str) -> dict | None:
     if stage not in ("all", "prepare", "interpret"):
         check_ready(layout, stage)
     setup_logging(layout)
-    if global_rank() == 0:
+    if global_rank() == 0 and stage in ("all", "finetune", "evaluate"):  # the stages that rewrite root outputs
         stages.retire_stale_outputs(layout)
         (layout.out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     names = list(PIPELINE_STAGES) if stage == "all" else [stage]

@@ -44,7 +44,7 @@ from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.distributed import global_rank, wait_for
-from kale_ext.utils.files import atomic_write_text, file_digest, short_hash
+from kale_ext.utils.files import atomic_save_npy, atomic_write_text, file_digest, short_hash
 from kale_ext.utils.stage_marker import stage_status, write_fingerprint
 
 logger = logging.getLogger("lsemvae_ph")
@@ -87,6 +87,20 @@ def finetune_fingerprint(run: RunLayout) -> dict:
     }
 
 
+def distrust_damaged(folder: Path, done_file: str) -> None:
+    """Remove the completion marker of a folder whose models fail their checksums, so the stage runs again."""
+    damaged = artifacts.damaged_models(folder) if (folder / done_file).exists() else []
+    if damaged:
+        logger.warning("%s; the %s marker is removed and the stage runs again", damaged[0], folder / done_file)
+        (folder / done_file).unlink()
+
+
+def finished(folder: Path, fingerprint: dict, done_file: str) -> bool:
+    """True when ``folder`` holds a finished output of these inputs whose models pass their checksums."""
+    distrust_damaged(folder, done_file)
+    return stage_status(folder, fingerprint, done_file)[0] == "match"
+
+
 def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool, what: str) -> bool:
     """True when ``folder`` holds a finished output of these inputs; a stale one is moved aside (or refused).
 
@@ -94,6 +108,7 @@ def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool,
     ``<folder>.stale-<k>`` (nothing is deleted) and the stage recomputes; with ``keep`` (the user named the folder
     to be shared) it is refused with the differences named.
     """
+    distrust_damaged(folder, done_file)
     started = any((folder / "checkpoints").glob("*.ckpt"))  # an interrupted run resumes only from the same inputs
     status, diffs = stage_status(folder, fingerprint, done_file, in_progress=started)
     if status == "match":
@@ -218,7 +233,15 @@ def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
         columns = [task.MPAP_COLUMN] + ([task.PAWP_COLUMN] if task.NAME in ("phenotype", "pawp") else [])
         # mPAP in kPa (6-8 kPa = 45-60 mmHg) would lie inside the mmHg range: such values are listed, not used.
         ranges = {task.MPAP_COLUMN: (*task.MPAP_RANGE, "mmHg", "kPa"), task.PAWP_COLUMN: (*task.PAWP_RANGE, "mmHg")}
-    report = read_label_table(labels_csv, id_col, columns, {c: r for c, r in ranges.items() if c in columns})
+    keys = {id_col: "DATASET.LABEL_ID_COLUMN", cfg.DATASET.LABEL_COLUMN: "DATASET.LABEL_COLUMN",
+            task.MPAP_COLUMN: "TASK.MPAP_COLUMN", task.PAWP_COLUMN: "TASK.PAWP_COLUMN"}  # fmt: skip
+    try:
+        report = read_label_table(labels_csv, id_col, columns, {c: r for c, r in ranges.items() if c in columns})
+    except ValueError as err:
+        missing = [name for name in [id_col, *columns] if f"has no column {name!r}" in str(err)]
+        if missing:  # name the key that fixes it
+            raise ValueError(f"{err}; set {keys[missing[0]]} to the column that holds it") from None
+        raise
     problems = pd.DataFrame([dataclasses.asdict(p) for p in report.problems])
     problems.to_csv(run.out / "label_problems.csv", index=False)
     if report.problems:
@@ -261,15 +284,13 @@ def stage_prepare(run: RunLayout) -> None:
         if not labels_csv:
             raise ValueError("DATASET.LABELS_CSV is empty; give the labels CSV of DATASET.FINETUNE_SOURCE")
         pretrain_source = cfg.DATASET.PRETRAIN_SOURCE or finetune_source
-    _build_cache(run, finetune_source, run.finetune_cache, run.leads)
-    if (
-        run.spec.pretrained
-        and stage_status(run.pretrain_dir, pretrain_fingerprint(run), artifacts.DONE_FILE)[0] != "match"
-    ):
-        _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads, run.pretrain_preprocess)
-    if global_rank() == 0:
+    if global_rank() == 0:  # the label table's columns are checked before hours of cache building
         run.labels.parent.mkdir(parents=True, exist_ok=True)
         table = make_labels(run, labels_csv)
+    _build_cache(run, finetune_source, run.finetune_cache, run.leads)
+    if run.spec.pretrained and not finished(run.pretrain_dir, pretrain_fingerprint(run), artifacts.DONE_FILE):
+        _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads, run.pretrain_preprocess)
+    if global_rank() == 0:
         check_labels(run, table)
         table.to_csv(run.labels, index=False)
         logger.info("labels: %d ids, %d positive (%s)", len(table), int(table["label"].sum()), run.task)
@@ -328,7 +349,9 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
             logger.info("%s: saved the seeded initialisation (no training) in %s", args["name"], run.pretrain_dir)
         return True
     n_max = run.cfg.DATASET.MAX_PRETRAIN_RECORDS
-    dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.pretrain_preprocess)
+    dataset = ECGLeadDataset(
+        run.pretrain_cache, leads=run.pretrain_leads, expected_fingerprint=run.pretrain_preprocess, verify=True
+    )
     if 0 < n_max < len(dataset):
         dataset = ECGLeadDataset(run.pretrain_cache, leads=run.pretrain_leads, indices=np.arange(n_max))
     torch.manual_seed(run.cfg.SEED)
@@ -362,8 +385,38 @@ def labelled_dataset(run: RunLayout) -> ECGLeadDataset:
     """The labelled records of the run (``ECGLeadDataset`` with ``label``)."""
     return ECGLeadDataset(
         run.finetune_cache, leads=run.leads, labels=run.labels, label_column="label",
-        id_column=run.cfg.DATASET.LABEL_ID_COLUMN, expected_fingerprint=run.preprocess,
+        id_column=run.cfg.DATASET.LABEL_ID_COLUMN, expected_fingerprint=run.preprocess, verify=True,
     )  # fmt: skip
+
+
+def refuse_nonfinite(run: RunLayout, dataset: ECGLeadDataset, bad: np.ndarray, what: str) -> None:
+    """Stop before any output is written when some records gave NaN/inf ``what``, naming them and their cache."""
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        names = ", ".join(str(dataset.record_ids[i]) for i in rows[:5]) + (" ..." if len(rows) > 5 else "")
+        raise ValueError(f"{what} are NaN or infinite for {len(rows)} record(s) ({names}) of the cache "
+                         f"{run.finetune_cache}; check those records (qc.csv there), or delete the cache folder and "
+                         "rerun --stage prepare")  # fmt: skip
+
+
+PREPROCESS_RECORD = "preprocess.json"  # the preprocessing of the records the fold models were trained on
+
+
+def check_predict_preprocessing(run: RunLayout) -> None:
+    """Refuse scoring with other preprocessing than the fold models were trained with (e.g. DERIVE_LIMB_LEADS)."""
+    path = run.finetune_dir / PREPROCESS_RECORD
+    if not path.is_file():
+        logger.warning("%s not found (fine-tuned by an older version): the preprocessing of the scored records "
+                       "cannot be compared with the training's", path)  # fmt: skip
+        return
+    trained = json.loads(path.read_text(encoding="utf-8"))
+    now = run.preprocess.to_dict()
+    diffs = [f"{k} {trained.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(trained) | set(now))
+             if trained.get(k) != now.get(k)]  # fmt: skip
+    if diffs:
+        raise ValueError(f"the records to score would be preprocessed differently from the fine-tuning records "
+                         f"({'; '.join(diffs)}; see {path}); keep DATASET.PREPROCESS, DATASET.FS and "
+                         "DATASET.INPUT_LENGTH as in training (or fine-tune again with the new settings)")  # fmt: skip
 
 
 def stage_finetune(run: RunLayout) -> None:
@@ -377,6 +430,11 @@ def stage_finetune(run: RunLayout) -> None:
     folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
     hidden, dropout = settings.hidden_dim, settings.dropout
     if run.spec.end_to_end:
+        bad = np.zeros(len(dataset), dtype=bool)
+        for start in range(0, len(dataset), 256):  # one pass over the signals: NaN in one record spoils a fold
+            rows = np.arange(start, min(start + 256, len(dataset)))
+            bad[rows] = ~np.isfinite(dataset.read_signals(rows)).reshape(len(rows), -1).all(axis=1)
+        refuse_nonfinite(run, dataset, bad, "signals")
         info = artifacts.classifier_info(run.build_args(run.leads), run.leads, hidden, dropout, run.features)
         data, make = dataset, artifacts.end_to_end_factory(info)
     else:
@@ -385,7 +443,8 @@ def stage_finetune(run: RunLayout) -> None:
         extractor = LatentFeatureExtractor(vae, run.leads, run.features)
         batch, bar = run.cfg.FINETUNE.FEATURE_BATCH_SIZE, run.cfg.TRAINER.PROGRESS_BAR
         features = extract_features(extractor, dataset, batch, settings.device, bar)
-        np.save(out / "features.npy", features)
+        refuse_nonfinite(run, dataset, ~np.isfinite(features).all(axis=1), "frozen features")
+        atomic_save_npy(out / "features.npy", features)
         info = artifacts.classifier_info(
             artifacts.read_model_args(run.pretrain_dir),
             run.leads,
@@ -403,14 +462,16 @@ def stage_finetune(run: RunLayout) -> None:
         )
 
     result = cross_validate(make, data, labels, folds, settings, on_fold_end=save_fold, log_dir=out / "logs")
+    refuse_nonfinite(run, dataset, ~np.isfinite(np.asarray(result.prob, dtype=float)), "out-of-fold probabilities")
     artifacts.write_classifier_info(out, info)
     oof = pd.DataFrame(
         {"record_id": dataset.record_ids, "subject_id": dataset.subject_ids, "label": labels, "fold": folds,
          "threshold": result.threshold, "probability": result.prob}
     )  # fmt: skip
-    oof.to_csv(out / "oof.csv", index=False)
-    oof[["record_id", "subject_id", "label", "fold", "threshold"]].to_csv(run.folds, index=False)
-    (out / "DONE").write_text("fine-tuning finished\n", encoding="utf-8")
+    atomic_write_text(out / "oof.csv", oof.to_csv(index=False))
+    atomic_write_text(run.folds, oof[["record_id", "subject_id", "label", "fold", "threshold"]].to_csv(index=False))
+    atomic_write_text(out / PREPROCESS_RECORD, json.dumps(run.preprocess.to_dict(), indent=2))  # checked by predict
+    atomic_write_text(out / "DONE", "fine-tuning finished\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -495,6 +556,14 @@ def stage_predict(run: RunLayout) -> pd.DataFrame:
     cfg = run.cfg
     if not cfg.PREDICT.SOURCE:
         raise ValueError("PREDICT.SOURCE is empty; give a folder of WFDB records or a manifest CSV to score")
+    if not (run.finetune_dir / "DONE").is_file() or not run.folds.is_file():
+        raise FileNotFoundError(f"no finished fine-tuning in {run.finetune_dir} ({run.folds}); run --stage finetune "
+                                "first with this config (or --stage all)")  # fmt: skip
+    out_csv = Path(cfg.PREDICT.OUT_CSV) if cfg.PREDICT.OUT_CSV else run.predict_dir / "scores.csv"
+    if out_csv.exists():  # scores of an earlier source must not stay in place looking complete if this run fails
+        logger.info("removing the previous scores %s before scoring %s", out_csv, cfg.PREDICT.SOURCE)
+        out_csv.unlink()
+    check_predict_preprocessing(run)
     fold_thresholds = pd.read_csv(run.folds).groupby("fold")["threshold"].first()
     cache = run.predict_dir / f"cache_{run.preprocess.fingerprint()}"
     prepare_ecg_cache(
@@ -509,11 +578,10 @@ def stage_predict(run: RunLayout) -> pd.DataFrame:
         "method": run.method_label, "model": cfg.MODEL.NAME, "task": run.task, "positive_class": positive_class(run),
         "leads": lead_tag(run.leads), "trained_on": "synthetic" if run.synthetic else "real",
         "synthetic_training_data": run.synthetic, "finetune_dir": str(run.finetune_dir),
+        "source": str(Path(cfg.PREDICT.SOURCE).resolve()), "preprocess": run.preprocess.fingerprint(),
     }  # fmt: skip
     table = score_records(classifiers, data, run.leads, float(fold_thresholds.mean()), qc=qc, provenance=provenance)
-    out_csv = Path(cfg.PREDICT.OUT_CSV) if cfg.PREDICT.OUT_CSV else run.predict_dir / "scores.csv"
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_csv, index=False)
+    atomic_write_text(out_csv, table.to_csv(index=False))
     n_ok = int((table["status"] == "ok").sum())
     print(f"scored {n_ok} records, refused {len(table) - n_ok}; wrote {out_csv}")
     return table

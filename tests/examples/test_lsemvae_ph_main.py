@@ -420,3 +420,178 @@ def test_interpret_stage_on_the_runs_own_outputs(tiny_run):
     assert np.isclose(gates["weight_mean"].sum(), 1.0, atol=1e-5) and "shared (PoE)" in set(gates["expert"])
     pngs = sorted(p.name for p in folder.glob("*.png"))
     assert "lead_importance.png" in pngs and any(p.startswith("subject_") for p in pngs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 19: nothing silent, nothing lost
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("DATASET: !!python/object:os.system {}\n", "line 1: a YAML tag is not accepted"),
+        ("DATASET:\n\tFS: 50\n", "line 2: a tab character; indent YAML with spaces"),
+        ("- DATASET\n- MODEL\n", "holds a list, not 'SECTION: KEY: value' mappings"),
+    ],
+)
+def test_config_files_that_are_not_plain_yaml_mappings_give_one_line_errors(tmp_path, capsys, text, words):
+    import main as pipeline
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert pipeline.main(["--cfg", str(path), "OUTPUT.DIR", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_a_file_or_in_use_is_refused(tmp_path, capsys):
+    import main as pipeline
+
+    from kale_ext.utils.files import file_lock
+
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(a_file / "sub"), "--stage", "prepare"]) == 1
+    err = capsys.readouterr().err
+    assert f"{a_file} is a file, not a folder" in err and "OUTPUT.DIR" in err and "Errno" not in err
+    busy = tmp_path / "busy"
+    with file_lock(busy / pipeline.LOCK_FILE, timeout_s=0):  # another run holds the folder
+        assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(busy), "--stage", "prepare"]) == 1
+    err = capsys.readouterr().err
+    assert "is in use by another run" in err and "another OUTPUT.DIR" in err
+    assert not (busy / "config.yaml").exists()  # the running run's outputs are untouched
+
+
+@pytest.mark.parametrize(
+    "stage, earlier",
+    [("pretrain", "prepare"), ("finetune", "prepare"), ("evaluate", "finetune"), ("predict", "finetune")],
+)
+def test_a_single_stage_on_a_fresh_output_dir_names_the_stage_to_run_first(tmp_path, capsys, stage, earlier):
+    import main as pipeline
+
+    out = tmp_path / "fresh"
+    opts = ["OUTPUT.DIR", str(out), "PREDICT.SOURCE", str(tmp_path)]
+    assert pipeline.main(["--cfg", "6L.yaml", "--stage", stage, *opts]) == 1
+    err = capsys.readouterr().err
+    assert f"run --stage {earlier} first" in err and "No such file" not in err and "prepare_ecg_cache" not in err
+
+
+def test_sigterm_ends_the_run_with_143_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import main as pipeline
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    def killed(cfg, stage):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(pipeline, "run", killed)
+    assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(tmp_path)]) == 143
+    assert "interrupted by SIGTERM; rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+
+    def lightning_saw_it(cfg, stage):
+        raise SIGTERMException()  # Lightning's own signal path: a SystemExit with status 0
+
+    monkeypatch.setattr(pipeline, "run", lightning_saw_it)
+    assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(tmp_path)]) == 143
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_missing_label_column_names_its_key_before_any_cache_is_built(tiny_run, tmp_path, capsys):
+    import main as pipeline
+
+    cache = tmp_path / "cache"
+    opts = [*tiny_opts(tiny_run["shared"]), "DATASET.CACHE_DIR", str(cache), "OUTPUT.DIR", str(tmp_path / "out")]
+    for key, value in (("DATASET.LABEL_COLUMN", "ph_flag"), ("DATASET.LABEL_ID_COLUMN", "patient")):
+        assert pipeline.main(["--cfg", "6L.yaml", "--stage", "prepare", *opts, key, value]) == 1
+        err = capsys.readouterr().err
+        assert f"no column {value!r}" in err and f"set {key}" in err
+        assert not list(cache.glob("*/spec.json"))  # refused before the caches
+
+
+def _copy_run(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["out"], run)
+    return run
+
+
+def test_damaged_models_are_not_trusted_and_root_outputs_of_another_config_are_moved_aside(tiny_run, tmp_path):
+    import stages
+    from layout import RunLayout
+
+    run = _copy_run(tiny_run, tmp_path)
+    layout = RunLayout.from_cfg(_cfg(tiny_run["shared"], run))
+    record = json.loads((run / "outputs.json").read_text())
+    assert set(record["files"]) >= {"metrics.json", "predictions.csv", "results.md"}
+    assert stages.retire_stale_outputs(layout) is None  # the outputs of this very config stay
+    # a truncated pre-trained model: DONE is not trusted, the stage runs again
+    assert stages.finished(layout.pretrain_dir, stages.pretrain_fingerprint(layout), "DONE")
+    model = layout.pretrain_dir / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert not stages.finished(layout.pretrain_dir, stages.pretrain_fingerprint(layout), "DONE")
+    assert not (layout.pretrain_dir / "DONE").exists()
+    # a damaged fold model: the fine-tuning is redone rather than reused
+    fold = layout.finetune_dir / "fold0" / "model.pt"
+    fold.write_bytes(fold.read_bytes()[:-10])
+    assert not stages.finished(layout.finetune_dir, stages.finetune_fingerprint(layout), "DONE")
+    # another fine-tuning config: the root outputs of the previous one are moved aside before it starts
+    other = RunLayout.from_cfg(_cfg(tiny_run["shared"], run, "FINETUNE.LR", "0.01"))
+    moved = stages.retire_stale_outputs(other)
+    assert (
+        moved == run / "stale-outputs-1" and (moved / "metrics.json").is_file() and (moved / "outputs.json").is_file()
+    )
+    assert not (run / "metrics.json").exists() and not (run / "predictions.csv").exists()
+
+
+def test_a_nan_record_stops_finetuning_before_any_output_naming_record_and_cache(tiny_run, tmp_path):
+    import shutil
+
+    import stages
+    from layout import RunLayout
+
+    from kale_ext.loaddata.ecg_dataset import cache_checksums
+
+    run = _copy_run(tiny_run, tmp_path)
+    cache_root = tmp_path / "cache"
+    shutil.copytree(tiny_run["shared"] / "cache", cache_root)
+    layout = RunLayout.from_cfg(_cfg(tiny_run["shared"], run, "DATASET.CACHE_DIR", str(cache_root)))
+    signals = np.load(layout.finetune_cache / "signals.npy", mmap_mode="r+")
+    signals[3, 1, 10:20] = np.nan  # lead II of the fourth record
+    signals.flush()
+    del signals
+    spec = json.loads((layout.finetune_cache / "spec.json").read_text())
+    spec["checksums"] = cache_checksums(layout.finetune_cache)  # as if the builder itself had written the NaN
+    (layout.finetune_cache / "spec.json").write_text(json.dumps(spec))
+    shutil.rmtree(layout.finetune_dir)
+    (run / "folds.csv").unlink()
+    record = pd.read_csv(layout.finetune_cache / "index.csv", dtype=str)["record_id"].iloc[3]
+    with pytest.raises(ValueError, match="NaN or infinite") as err:
+        stages.stage_finetune(layout)
+    assert record in str(err.value) and str(layout.finetune_cache) in str(err.value)
+    assert not (layout.finetune_dir / "DONE").exists() and not (layout.finetune_dir / "oof.csv").exists()
+    assert not (run / "folds.csv").exists()
+
+
+def test_predict_names_its_source_clears_old_scores_and_refuses_other_preprocessing(tiny_run, tmp_path):
+    import main as pipeline
+
+    source, _ = _tiny_cohort(tmp_path / "new", n=2)
+    run = _copy_run(tiny_run, tmp_path)
+    scores = tmp_path / "scores.csv"
+    opts = ["PREDICT.SOURCE", str(source), "PREDICT.OUT_CSV", str(scores)]
+    pipeline.run(_cfg(tiny_run["shared"], run, *opts), "predict")
+    table = pd.read_csv(scores)
+    assert set(table["source"]) == {str(source.resolve())} and len(table) == 2
+    assert json.loads((run / "finetune" / "preprocess.json").read_text())["derive_limb_leads"] is False
+    derive = _cfg(tiny_run["shared"], run, *opts, "DATASET.PREPROCESS.DERIVE_LIMB_LEADS", "True")
+    with pytest.raises(ValueError, match=r"derive_limb_leads False -> True"):
+        pipeline.run(derive, "predict")
+    assert not scores.exists()  # the earlier source's scores do not stay in place looking complete
+    assert (run / "metrics.json").exists()  # a refused predict moves nothing aside

@@ -51,3 +51,36 @@ def test_head_and_end_to_end_fold_classifiers_round_trip(tmp_path):
     back = artifacts.load_fold_classifier(tmp_path / "e2e", 2)
     with torch.no_grad():
         torch.testing.assert_close(back(x), net.eval()(x))
+
+
+def test_a_truncated_model_is_named_on_load_and_listed_as_damaged(tmp_path):
+    torch.manual_seed(0)
+    artifacts.save_model(build_from_args(**ARGS), tmp_path, ARGS)
+    assert (tmp_path / "model.pt.sha256").is_file() and artifacts.damaged_models(tmp_path) == []
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.pt does not match the checksum.*delete .* and rerun the pre-training"):
+        artifacts.load_model(tmp_path)
+    assert len(artifacts.damaged_models(tmp_path)) == 1
+    (tmp_path / "model.pt.sha256").unlink()  # an older run without a checksum: the file is still named
+    with pytest.raises(ValueError, match=r"model.pt cannot be read"):
+        artifacts.load_model(tmp_path)
+
+
+def test_a_fold_model_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 2)
+    artifacts.save_fold_classifier(tmp_path, 1, head, {})
+    before = (tmp_path / "fold1" / "model.pt").read_bytes()
+
+    def full_disk(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        artifacts.save_fold_classifier(tmp_path, 1, torch.nn.Linear(4, 2), {})
+    assert (tmp_path / "fold1" / "model.pt").read_bytes() == before  # the old complete file, untouched
+    assert sorted(p.name for p in (tmp_path / "fold1").iterdir()) == ["metrics.json", "model.pt", "model.pt.sha256"]
+    assert artifacts.damaged_models(tmp_path) == []
