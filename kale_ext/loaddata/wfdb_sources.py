@@ -80,7 +80,7 @@ class RawRecord:
 
 
 class RecordReadError(ValueError):
-    """A record refused while reading; ``reason`` is ``"unreadable"``, ``"bad_sampling_rate"`` or ``"signal_size"``.
+    """A record refused while reading; ``reason`` is ``"unreadable"`` or ``"bad_sampling_rate"``.
 
     Attributes:
         reason: short machine-readable reason (the first field of the QC reason).
@@ -341,7 +341,7 @@ def check_signal_files(header: str | Path) -> None:
         header: path of the ``.hea`` file (already checked by :func:`header_sampling_rate`).
 
     Raises:
-        RecordReadError: ``signal_size`` naming the file, its size and the size the header implies.
+        RecordReadError: ``unreadable``, naming the file, its size and the size the header implies.
     """
     header = Path(header)
     lines = [ln.strip() for ln in header.read_bytes().decode("latin-1").splitlines()]
@@ -370,7 +370,7 @@ def check_signal_files(header: str | Path) -> None:
         size = path.stat().st_size
         if size < expected or size > expected + max(16, expected // 100):
             raise RecordReadError(
-                "signal_size",
+                "unreadable",
                 f"{path.name} has {size:,} bytes but header {header.name} (format {fmt}, {per_frame} signal(s), "
                 f"{sig_len} samples) implies {expected:,}; the header's format or length is wrong or the file is "
                 "truncated: re-export the record",

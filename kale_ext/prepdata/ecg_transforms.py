@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 QC_REASONS = (
     "unreadable",
     "bad_sampling_rate",
-    "signal_size",
     "missing_lead",
     "all_nan_lead",
     "nan_fraction",

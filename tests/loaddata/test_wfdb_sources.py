@@ -180,7 +180,7 @@ def test_a_header_format_or_length_that_disagrees_with_the_signal_file_is_refuse
     (tmp_path / "r.hea").write_text(text.replace(".dat 16 ", ".dat 212 "))  # a 16-bit file declared as 212
     with pytest.raises(RecordReadError) as err:
         read_record(tmp_path / "r")
-    assert err.value.reason == "signal_size" and "r.dat has 1,600 bytes" in str(err.value)
+    assert err.value.reason == "unreadable" and "r.dat has 1,600 bytes" in str(err.value)
     assert "implies 1,200" in str(err.value)
     (tmp_path / "r.hea").write_text(text)
     data = (tmp_path / "r.dat").read_bytes()
