@@ -26,7 +26,7 @@ from torch import nn
 from kale_ext.embed.zoo import build_from_args, model_spec
 from kale_ext.pipeline.finetune import MaskedInputClassifier
 from kale_ext.predict.heads import ClassificationHead, FeatureClassifier, LatentFeatureExtractor
-from kale_ext.utils.files import atomic_write, atomic_write_text, checksum_problem, write_checksum
+from kale_ext.utils.files import atomic_write, atomic_write_text, checksum_problem, free_bytes, write_checksum
 
 MODEL_FILE = "model.pt"
 MODEL_ARGS_FILE = "model_args.json"
@@ -61,7 +61,14 @@ def save_model(
 def save_state(model: nn.Module, path: str | Path) -> Path:
     """Write ``model``'s state dict (on CPU) to ``path`` atomically, then its checksum beside it."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp), fsync=True)
+    except Exception as err:  # a full disk surfaces from torch's zip writer as "unexpected pos ..."
+        free = free_bytes(Path(path).parent)
+        raise OSError(
+            f"could not write {path} ({type(err).__name__}: {str(err).strip()[:120]}); {free:,} bytes are "
+            "free on its file system: free some space and rerun (nothing was left under that name)"
+        ) from err
     write_checksum(path)
     return Path(path)
 
