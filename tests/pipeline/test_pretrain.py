@@ -261,8 +261,12 @@ def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp
     assert not marker.exists()  # the payload did not run
     assert result.resumed_from is None and "cannot be read" in caplog.text and is_pretrained(tmp_path)
     torch.save({"x": _Payload(marker)}, tmp_path / "model.pt")  # a crafted model file is refused too
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="does not match the checksum"):  # never even opened: not the file written
         load_model(tmp_path)
+    (tmp_path / "model.pt.sha256").unlink()
+    with pytest.raises(ValueError, match="model.pt cannot be read") as err:  # opened weights-only: refused
+        load_model(tmp_path)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
 
 
