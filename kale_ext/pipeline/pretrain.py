@@ -479,17 +479,23 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
-def _check_training_batches(data: ECGPretrainDataModule, world_size: int, batch_size: int) -> None:
-    """Refuse a training part that gives some rank no batch (the stream drops a short last batch)."""
+def _fit_batch_to_records(data: ECGPretrainDataModule, world_size: int) -> None:
+    """Shrink the batch when a process has fewer training records than a batch (the stream drops a short last batch,
+    so it would train on nothing); refuse when a process would have no record at all."""
     n_train = len(data.train_idx)
     per_rank = n_train // max(int(world_size), 1)
-    needed = batch_size if data.use_stream else 1
-    if per_rank < needed:
+    if per_rank < 1:
         raise ValueError(
-            f"pre-training has {n_train} training records after holding out the validation subjects, {per_rank} per "
-            f"process on {world_size} process(es): fewer than PRETRAIN.BATCH_SIZE {batch_size}, so no batch would be "
-            f"trained; set PRETRAIN.BATCH_SIZE to at most {max(per_rank, 1)}, use fewer TRAINER.DEVICES, or add records"
+            f"pre-training has {n_train} training records after holding out the validation subjects, fewer than the "
+            f"{world_size} processes: some would train on nothing; use fewer TRAINER.DEVICES or add records"
         )
+    if data.use_stream and per_rank < data.batch_size:
+        logger.warning(
+            "pre-training has %d training records per process (%d on %d process(es)), fewer than the batch size %d "
+            "(PRETRAIN.BATCH_SIZE): training with batches of %d, one step per epoch",
+            per_rank, n_train, world_size, data.batch_size, per_rank,
+        )  # fmt: skip
+        data.batch_size = per_rank
 
 
 def run_pretraining(
@@ -568,7 +574,7 @@ def run_pretraining(
         num_sanity_val_steps=0,
         deterministic=False,
     )
-    _check_training_batches(data, trainer.world_size, settings.batch_size)
+    _fit_batch_to_records(data, trainer.world_size)
     resume = resumable_checkpoint(ckpt_dir) if settings.resume else None
     if resume is not None:
         logger.info("resuming pre-training from %s", resume)

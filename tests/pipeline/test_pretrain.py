@@ -273,7 +273,7 @@ def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp
 class _TinyStreamLeads(_TinyLeads):
     """``_TinyLeads`` with the memory-map protocol, so pre-training streams it (and drops a short last batch)."""
 
-    signal_dtype = np.float32
+    signal_dtype = torch.float32
     num_samples = T
 
     @property
@@ -288,11 +288,25 @@ class _TinyStreamLeads(_TinyLeads):
         return out
 
 
-def test_fewer_records_than_a_batch_are_refused_before_training_and_write_no_done(tmp_path):
+def test_fewer_records_than_a_batch_train_with_a_smaller_batch_and_a_warning(tmp_path, caplog):
     args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
-    with pytest.raises(ValueError, match=r"PRETRAIN.BATCH_SIZE 32.*at most 18"):
-        run_pretraining(_model(), _objective(), _TinyStreamLeads(), tmp_path, _settings(batch_size=32), build_args=args)
-    assert not (tmp_path / "DONE").exists() and not (tmp_path / "model.pt").exists()
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        run_pretraining(model, _objective(), _TinyStreamLeads(), tmp_path, _settings(batch_size=32), build_args=args)
+    assert "training with batches of 18" in caplog.text and "PRETRAIN.BATCH_SIZE" in caplog.text
+    assert is_pretrained(tmp_path)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it did train
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3  # one step per epoch, 3 epochs
+
+
+def test_more_processes_than_training_records_are_refused_before_training(tmp_path):
+    from kale_ext.pipeline.pretrain import ECGPretrainDataModule, _fit_batch_to_records
+
+    data = ECGPretrainDataModule(_TinyStreamLeads(n=4), batch_size=8, val_fraction=0.5)
+    with pytest.raises(ValueError, match=r"2 training records .* fewer than the 4 processes.*TRAINER.DEVICES"):
+        _fit_batch_to_records(data, 4)
 
 
 def test_a_model_without_any_optimiser_step_is_not_marked_done(tmp_path):
