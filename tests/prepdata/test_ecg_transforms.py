@@ -263,3 +263,10 @@ def test_powerline_highpass_options_and_fingerprints():
 def test_non_positive_sampling_rate_is_a_quality_error(fs):
     with pytest.raises(QualityError, match="bad_sampling_rate"):
         preprocess_record(_record(), fs, CANONICAL_LEADS, SMALL)
+
+
+@pytest.mark.parametrize("fs", [0.002, 0.5, 49.0, 25_000.0])
+def test_an_implausible_sampling_rate_is_refused_before_resampling(fs):
+    with pytest.raises(QualityError) as err:  # 0.002 Hz to 100 Hz would be a 50,000x upsampling
+        preprocess_record(_record(n=50), fs, CANONICAL_LEADS, SMALL)
+    assert err.value.reason == "bad_sampling_rate" and "plausible 50-20000 Hz" in str(err.value)
