@@ -482,6 +482,11 @@ def stage_evaluate(run: RunLayout) -> dict:
     oof_path = run.finetune_dir / "oof.csv"
     if not oof_path.exists():
         raise FileNotFoundError(f"{oof_path} not found; run --stage finetune first")
+    status, diffs = stage_status(run.finetune_dir, finetune_fingerprint(run), "DONE")
+    if status != "match":  # metrics of other models would be written under this config's name
+        raise RuntimeError(f"the fine-tuned models in {run.finetune_dir} are "
+                           + (f"from other inputs ({'; '.join(diffs[:4])})" if diffs else "not finished")
+                           + "; run --stage finetune first with this config (or --stage all)")  # fmt: skip
     (run.out / OUTPUTS_RECORD).unlink(missing_ok=True)  # written again last: until then the outputs are incomplete
     subjects = subject_level(pd.read_csv(oof_path, dtype={"subject_id": str, "record_id": str}))
     y, p = subjects["label"].to_numpy(), subjects["probability"].to_numpy()

@@ -595,3 +595,14 @@ def test_predict_names_its_source_clears_old_scores_and_refuses_other_preprocess
         pipeline.run(derive, "predict")
     assert not scores.exists()  # the earlier source's scores do not stay in place looking complete
     assert (run / "metrics.json").exists()  # a refused predict moves nothing aside
+
+
+def test_evaluate_refuses_fine_tuned_models_of_another_config(tiny_run, tmp_path):
+    import stages
+    from layout import RunLayout
+
+    run = _copy_run(tiny_run, tmp_path)
+    other = RunLayout.from_cfg(_cfg(tiny_run["shared"], run, "FINETUNE.LR", "0.01"))
+    with pytest.raises(RuntimeError, match=r"from other inputs \(config.FINETUNE.LR.*run --stage finetune first"):
+        stages.stage_evaluate(other)
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((tiny_run["out"] / "metrics.json").read_text())
