@@ -1,6 +1,7 @@
 """Fused Triton kernels (kale_ext.embed.conv_triton) against the torch paths they replace: time and agreement.
 
-For each length (``--input-dim``: whole records and pre-training windows of any length), batch size and dtype, times forward + backward of
+For each length (``--input-dim``: whole records and pre-training windows of any length), batch size and dtype,
+times forward + backward of
 
 - the lead encoders' conv stack: ``encoder_conv_stack`` vs ``LeadwiseSignalVAEEncoder._features_conv`` (grouped
   Conv1d) and ``_features_blockdiag`` (what ``conv_impl="auto"`` picks on CUDA today);
