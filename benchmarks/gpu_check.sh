@@ -10,8 +10,8 @@
 # Logs go to $OUT (or ./gpu_check_out): env.log, self_check.log, tests.log, triton_kernels.log,
 # pretrain_throughput.log, end_to_end.log and summary.txt (one line per stage with its exit status and seconds).
 # Exit status 1 if any stage failed. Each stage has a time limit (seconds: CHECK_TIMEOUT, TESTS_TIMEOUT,
-# BENCH_TIMEOUT, PRETRAIN_TIMEOUT, E2E_TIMEOUT; 40 + 130 + 110 + 90 + 160, plus at most 10 s each to stop) so the
-# whole script ends within about 9.5 minutes; BENCH_ARGS, PRETRAIN_ARGS and E2E_ARGS add flags to stages 2-4 (e.g.
+# BENCH_TIMEOUT, PRETRAIN_TIMEOUT, E2E_TIMEOUT; 60 + 120 + 95 + 75 + 150, plus at most 5 s each to stop) so the
+# whole script ends within about 9 minutes; BENCH_ARGS, PRETRAIN_ARGS and E2E_ARGS add flags to stages 2-4 (e.g.
 # PRETRAIN_ARGS="--window 2500 --variants loop,lsemvae:blockdiag,lsemvae:triton" for records and windows).
 #
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh
@@ -31,7 +31,7 @@ stage() {
     local start rc
     start=$(date +%s)
     echo "=== $name (limit ${limit}s): $*" | tee -a "$out_dir/summary.txt"
-    timeout --kill-after=10 "$limit" "$@" >"$out_dir/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$out_dir/$name.log" 2>&1
     rc=$?
     tail -n 60 "$out_dir/$name.log"
     echo "=== $name: rc=$rc in $(($(date +%s) - start)) s" | tee -a "$out_dir/summary.txt"
@@ -57,7 +57,7 @@ cat "$out_dir/env.log"
 
 # The verdict conv_impl "auto" acts on: the fused kernels against float64 torch (fp32 IEEE and bf16 autocast,
 # forward and every gradient), run afresh here (no cached verdict), then through the cached path auto uses.
-stage self_check "${CHECK_TIMEOUT:-40}" "$py" -c "
+stage self_check "${CHECK_TIMEOUT:-60}" "$py" -c "
 import torch
 from kale_ext.embed import kernel_check as kc
 from kale_ext.embed.conv_ops import resolve_conv_impl
@@ -76,18 +76,18 @@ raise SystemExit(0 if v.ok else 1)
 grep -h "self-check verdict" "$out_dir/self_check.log" >>"$out_dir/summary.txt" 2>/dev/null
 
 if "$py" -c "import pytest" 2>/dev/null; then
-    stage tests "${TESTS_TIMEOUT:-130}" "$py" -m pytest -q -x -p no:cacheprovider tests/embed/test_conv_triton.py \
+    stage tests "${TESTS_TIMEOUT:-120}" "$py" -m pytest -q -x -p no:cacheprovider tests/embed/test_conv_triton.py \
         tests/embed/test_kernel_check.py
 else
     echo "=== tests: skipped, pytest is not installed" | tee -a "$out_dir/summary.txt"
 fi
 # shellcheck disable=SC2086  # word splitting of the extra flags is intended
-stage triton_kernels "${BENCH_TIMEOUT:-110}" "$py" benchmarks/triton_kernels.py ${BENCH_ARGS:-}
+stage triton_kernels "${BENCH_TIMEOUT:-95}" "$py" benchmarks/triton_kernels.py ${BENCH_ARGS:-}
 # shellcheck disable=SC2086
-stage pretrain_throughput "${PRETRAIN_TIMEOUT:-90}" "$py" benchmarks/pretrain_throughput.py ${PRETRAIN_ARGS:-}
+stage pretrain_throughput "${PRETRAIN_TIMEOUT:-75}" "$py" benchmarks/pretrain_throughput.py ${PRETRAIN_ARGS:-}
 # The acceptance figure: the pipeline's step end to end from a float16 cache at paper size (12 x 5000, D 256,
 # batch 1024, bf16), against the per-lead loop in the same run, eager and compiled.
-stage end_to_end "${E2E_TIMEOUT:-160}" "$py" benchmarks/pretrain_throughput.py --end-to-end "${E2E_CACHE:-/tmp/kale_e2e_cache}" \
+stage end_to_end "${E2E_TIMEOUT:-150}" "$py" benchmarks/pretrain_throughput.py --end-to-end "${E2E_CACHE:-/tmp/kale_e2e_cache}" \
     --make-cache "${E2E_RECORDS:-16384}" --variants "${E2E_VARIANTS:-loop,lsemvae:blockdiag,lsemvae:triton}" \
     --count-flops ${E2E_ARGS:-}
 
