@@ -262,12 +262,15 @@ def check_triton_kernels(
     kernels = dict(kernels or {})
     run = _check_device(device)
     errors: dict[str, float] = {}
-    data = _inputs(torch.Generator().manual_seed(0))
+    # The first forward may come under no_grad or inference_mode (evaluation): the check needs autograd and
+    # normal tensors, so its inputs are made outside inference mode too.
+    with torch.inference_mode(False):
+        data = _inputs(torch.Generator().manual_seed(0))
     for dtype in dtypes:
         for name in KERNEL_NAMES:
             fn = kernels.get(name) or getattr(conv_triton, name)
             try:
-                with torch.enable_grad():
+                with torch.inference_mode(False), torch.enable_grad():
                     reason = _run_one(name, fn, data, dtype, run, errors)
             except Exception as error:  # noqa: BLE001 - any failure of the kernels means: do not trust them here
                 first = (str(error).strip().splitlines() or [""])[0][:300]
@@ -299,7 +302,8 @@ def triton_verdict(device: torch.device, kernels: Mapping[str, Callable] | None 
             verdict = KernelVerdict(bool(stored["ok"]), str(stored["reason"]), key, dict(stored.get("errors", {})))
         else:
             verdict = check_triton_kernels(device, kernels)
-            _write_disk(verdict)
+            if "OutOfMemoryError" not in verdict.reason:  # a full GPU says nothing lasting about the kernels
+                _write_disk(verdict)
         _VERDICTS[key] = verdict
     if not verdict.ok and key not in _WARNED:
         _WARNED.add(key)

@@ -160,3 +160,42 @@ def test_passing_check_lets_auto_pick_triton_and_cpu_never_checks(monkeypatch):
     assert counting.calls == 0
     assert resolve_conv_impl("auto", CUDA) == "triton"
     assert counting.calls == 1
+
+
+def test_check_runs_under_inference_mode_and_no_grad():
+    """A first forward in evaluation (inference_mode / no_grad) still gets a true verdict: the check needs autograd."""
+    with torch.inference_mode():
+        verdict = kc.check_triton_kernels(CUDA, dtypes=(torch.float32,))
+    assert verdict.ok, verdict.reason
+    with torch.no_grad():
+        assert resolve_conv_impl("auto", CUDA) == "triton"
+
+
+def test_out_of_memory_is_not_written_to_disk(monkeypatch, fresh_cache):
+    """An out-of-memory failure falls back for this process only; the next process checks again."""
+
+    def oom(device, kernels=None, dtypes=None):
+        reason = "encoder_conv_stack (float32) raised OutOfMemoryError: CUDA out of memory"
+        return kc.KernelVerdict(False, reason, kc.verdict_key(device), {})
+
+    monkeypatch.setattr(kc, "check_triton_kernels", oom)
+    assert resolve_conv_impl("auto", CUDA) == "blockdiag"
+    assert not (fresh_cache / kc.CACHE_FILE).exists()
+
+
+def test_first_verdict_while_compiling_runs_the_check_once_outside_the_graph(monkeypatch):
+    """auto inside a torch.compile'd forward: the check runs once (eagerly), later traces read the cached verdict."""
+    import torch._dynamo
+
+    counting = _Counting(ok=False)
+    monkeypatch.setattr(kc, "check_triton_kernels", counting)
+
+    def step(x):
+        return x * 2 if resolve_conv_impl("auto", CUDA) == "triton" else x * 3
+
+    compiled = torch.compile(step, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    assert counting.calls == 1
+    explained = torch._dynamo.explain(step)(torch.ones(4))  # the verdict is cached: traced as a dict lookup
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert counting.calls == 1
