@@ -40,9 +40,11 @@ stage() {
 
 # The card, torch and triton first, on one line each (what every figure below was measured on).
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-echo "card: ${card:-unknown (nvidia-smi not found)}"
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tail -n 1
-"$py" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -n 1
+{
+    echo "card: ${card:-unknown (nvidia-smi not found)}"
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tail -n 1
+    "$py" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -n 1
+} | tee -a "$out_dir/summary.txt"
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi not found"
@@ -57,22 +59,26 @@ cat "$out_dir/env.log"
 
 # The verdict conv_impl "auto" acts on: the fused kernels against float64 torch (fp32 IEEE and bf16 autocast,
 # forward and every gradient), run afresh here (no cached verdict), then through the cached path auto uses.
-stage self_check "${CHECK_TIMEOUT:-60}" "$py" -c "
+self_check_py="$(mktemp "${TMPDIR:-/tmp}/kale_self_check.XXXXXX")"
+cat >"$self_check_py" <<'PY'
 import torch
 from kale_ext.embed import kernel_check as kc
 from kale_ext.embed.conv_ops import resolve_conv_impl
-dev = torch.device('cuda')
+dev = torch.device("cuda")
 v = kc.check_triton_kernels(dev)
-print('self-check verdict:', 'PASS' if v.ok else 'FAIL', v.reason)
-print('key:', v.key)
-for dt in ('float32', 'bfloat16'):
-    errs = {k: e for k, e in v.errors.items() if f' {dt} ' in k}
+print("self-check verdict:", "PASS" if v.ok else "FAIL", v.reason)
+print("key:", v.key)
+for dt in ("float32", "bfloat16"):
+    errs = {k: e for k, e in v.errors.items() if f" {dt} " in k}
     if errs:
         worst = max(errs, key=errs.get)
-        print(f'{dt}: {len(errs)} tensors compared, worst {worst} = {errs[worst]:.3g} (tolerance', kc.TOLERANCES[getattr(torch, dt)], ')')
-print('auto resolves to:', resolve_conv_impl('auto', dev), '; verdict cache:', kc.cache_dir() / kc.CACHE_FILE)
+        tol = kc.TOLERANCES[getattr(torch, dt)]
+        print(f"{dt}: {len(errs)} tensors compared, worst {worst} = {errs[worst]:.3g} (tolerance {tol:g})")
+print("auto resolves to:", resolve_conv_impl("auto", dev), "; verdict file:", kc.cache_dir() / kc.CACHE_FILE)
 raise SystemExit(0 if v.ok else 1)
-"
+PY
+stage self_check "${CHECK_TIMEOUT:-60}" "$py" "$self_check_py"
+rm -f "$self_check_py"
 grep -h "self-check verdict" "$out_dir/self_check.log" >>"$out_dir/summary.txt" 2>/dev/null
 
 if "$py" -c "import pytest" 2>/dev/null; then
