@@ -488,11 +488,17 @@ def test_sigterm_ends_the_run_with_143_and_says_how_to_resume(tmp_path, capsys, 
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this
 
-    before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(pipeline, "run", killed)
-    assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(tmp_path)]) == 143
-    assert "interrupted by SIGTERM; rerun the same command to resume" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+    def unhandled(signum, frame):  # what the test sees when main installs no handler of its own
+        raise RuntimeError("SIGTERM reached the caller's handler")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        monkeypatch.setattr(pipeline, "run", killed)
+        assert pipeline.main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(tmp_path)]) == 143
+        assert "interrupted by SIGTERM; rerun the same command to resume" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the handler is the caller's again
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
     def lightning_saw_it(cfg, stage):
         raise SIGTERMException()  # Lightning's own signal path: a SystemExit with status 0
