@@ -243,7 +243,7 @@ def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
             raise ValueError(f"{err}; set {keys[missing[0]]} to the column that holds it") from None
         raise
     problems = pd.DataFrame([dataclasses.asdict(p) for p in report.problems])
-    problems.to_csv(run.out / "label_problems.csv", index=False)
+    atomic_write_text(run.out / "label_problems.csv", problems.to_csv(index=False))
     if report.problems:
         logger.warning("%s; the cells are left out (listed in %s)", report.summary(5), run.out / "label_problems.csv")
     table = report.table
@@ -292,7 +292,7 @@ def stage_prepare(run: RunLayout) -> None:
         _build_cache(run, pretrain_source, run.pretrain_cache, run.pretrain_leads, run.pretrain_preprocess)
     if global_rank() == 0:
         check_labels(run, table)
-        table.to_csv(run.labels, index=False)
+        atomic_write_text(run.labels, table.to_csv(index=False))  # fine-tuning trusts it: whole or absent
         logger.info("labels: %d ids, %d positive (%s)", len(table), int(table["label"].sum()), run.task)
 
 
