@@ -129,8 +129,9 @@ def _run_stages(layout: RunLayout, stage: str) -> dict | None:
     if stage not in ("all", "prepare", "interpret"):
         check_ready(layout, stage)
     setup_logging(layout)
-    if global_rank() == 0 and stage in ("all", "finetune", "evaluate"):  # the stages that rewrite root outputs
-        stages.retire_stale_outputs(layout)
+    if global_rank() == 0:
+        if stage in ("all", "finetune", "evaluate"):  # the stages that rewrite the root outputs
+            stages.retire_stale_outputs(layout)
         (layout.out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     names = list(PIPELINE_STAGES) if stage == "all" else [stage]
     if stage == "all" and cfg.INTERPRET.ENABLED:
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for sig in previous:
-            signal.signal(sig, _raise_interrupted)
+            with contextlib.suppress(ValueError):  # main() called outside the main thread: no handler
+                signal.signal(sig, _raise_interrupted)
         summary = run(cfg, args.stage)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -595,6 +595,7 @@ def test_predict_names_its_source_clears_old_scores_and_refuses_other_preprocess
     pipeline.run(_cfg(tiny_run["shared"], run, *opts), "predict")
     table = pd.read_csv(scores)
     assert set(table["source"]) == {str(source.resolve())} and len(table) == 2
+    assert str(source) in (run / "config.yaml").read_text()  # a single stage records its config too
     assert json.loads((run / "finetune" / "preprocess.json").read_text())["derive_limb_leads"] is False
     derive = _cfg(tiny_run["shared"], run, *opts, "DATASET.PREPROCESS.DERIVE_LIMB_LEADS", "True")
     with pytest.raises(ValueError, match=r"derive_limb_leads False -> True"):
