@@ -457,7 +457,8 @@ def _part_files(parts_dir: Path) -> dict[int, Path]:
 
 
 def _resolve_request(source, spec, leads, dtype, part_size, source_kind):
-    refs = list(source) if not isinstance(source, (str, Path)) else list_records(source, source_kind)
+    # A record table holds files at several rates: list the ones at (or just above) the rate the cache is built at.
+    refs = list(source) if not isinstance(source, (str, Path)) else list_records(source, source_kind, spec.target_fs)
     sources = source_table(refs)
     manifest = _work_manifest(refs, spec, leads, dtype, part_size, source, sources)
     return refs, sources, manifest
