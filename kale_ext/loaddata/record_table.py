@@ -21,6 +21,10 @@ column chosen for the wanted rate (:func:`choose_path_column`: the exact rate, e
 the highest rate). Rows without a file in that column (an empty cell, or a header that is not on disk) are not
 dropped silently: they are returned in ``TableListing.missing`` with a reason and logged with the column that would
 serve them. Ids written as spreadsheet floats (``15709.0``) are read as integers (``15709``).
+
+:func:`source_kind` and :func:`list_source_records` extend :func:`~kale_ext.loaddata.wfdb_sources.detect_source_kind`
+and :func:`~kale_ext.loaddata.wfdb_sources.list_records` with this layout (a root with a record table is listed from
+its table, not walked as a header tree); the cache builder and several-source lists use them.
 """
 
 import logging
@@ -35,8 +39,10 @@ from kale_ext.loaddata.wfdb_sources import (
     RECORD_LIST_NAME,
     RecordReadError,
     RecordRef,
+    detect_source_kind,
     find_header,
     header_sampling_rate,
+    list_records,
 )
 
 logger = logging.getLogger(__name__)
@@ -258,3 +264,47 @@ def list_table_records(
             table.table.name, len(missing), len(frame), table.path_columns[chosen], chosen, shown, hint,
         )  # fmt: skip
     return TableListing(refs, missing, chosen, table.path_columns[chosen], table)
+
+
+SOURCE_KINDS = ("record_list", "record_table", "header_tree", "manifest")
+
+
+def source_kind(source: str | Path) -> str:
+    """The layout of a record source, record tables included (one of :data:`SOURCE_KINDS`).
+
+    A root with ``record_list.csv`` is a ``record_list``; else a root with a record table (:func:`find_record_table`)
+    is a ``record_table``; else :func:`~kale_ext.loaddata.wfdb_sources.detect_source_kind` decides.
+
+    Args:
+        source: a folder or a manifest CSV.
+
+    Returns:
+        The kind.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~kale_ext.loaddata.wfdb_sources.detect_source_kind`.
+    """
+    path = Path(source)
+    if path.is_dir() and not (path / RECORD_LIST_NAME).is_file() and find_record_table(path) is not None:
+        return "record_table"
+    return detect_source_kind(path)
+
+
+def list_source_records(source: str | Path, kind: str = "auto", fs: float | None = None) -> list[RecordRef]:
+    """List the records of any source layout, a record table at the rate that suits ``fs``.
+
+    Args:
+        source: folder or manifest CSV.
+        kind: ``"auto"`` (:func:`source_kind`) or one of :data:`SOURCE_KINDS`.
+        fs: the sampling rate the records will be used at (Hz); only a record table uses it.
+
+    Returns:
+        The records (:func:`list_table_records` for a record table, else
+        :func:`~kale_ext.loaddata.wfdb_sources.list_records`).
+    """
+    kind = source_kind(source) if kind == "auto" else kind
+    if kind == "record_table":
+        refs = list_table_records(source, fs).refs
+        logger.info("found %d records in %s (record_table)", len(refs), source)
+        return refs
+    return list_records(source, kind)

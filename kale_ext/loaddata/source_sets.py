@@ -1,8 +1,8 @@
 """Several record sources as one: listed one by one, ids tagged by source so that nothing collides.
 
 Pre-training can draw on several archives at once (a hospital's export, PTB-XL, LUDB, the PhysioNet/CinC 2021
-challenge data). Each source is listed by :func:`~kale_ext.loaddata.wfdb_sources.list_records` in its own layout, at
-the wanted sampling rate; then every record id and subject id is prefixed with the source's tag
+challenge data). Each source is listed by :func:`~kale_ext.loaddata.record_table.list_source_records` in its own
+layout, at the wanted sampling rate; then every record id and subject id is prefixed with the source's tag
 (``<tag><separator><id>``), so record ``1`` of two archives, or patient ``15709`` of two hospitals, stay two records
 and two people: grouped splits never join people of different sources.
 
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from kale_ext.loaddata.wfdb_sources import RecordRef, list_records
+from kale_ext.loaddata.record_table import list_source_records
+from kale_ext.loaddata.wfdb_sources import RecordRef
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def combine_sources(
     """List several sources as one record list with source-tagged record and subject ids.
 
     Args:
-        sources: source paths (any layout of ``list_records``) or ready record lists.
+        sources: source paths (any layout of :func:`~kale_ext.loaddata.record_table.list_source_records`) or ready
+            record lists.
         fs: sampling rate the records will be used at (picks the files of a record table).
         tags: one tag per source; default :func:`source_tags` of the paths (record lists: ``source-<k>``).
         separator: between tag and id.
@@ -84,7 +86,7 @@ def combine_sources(
         raise ValueError(f"give one distinct tag per source: {len(sources)} sources, tags {tags}")
     out: list[RecordRef] = []
     for tag, source in zip(tags, sources):
-        refs = list_records(source, fs=fs) if isinstance(source, (str, Path)) else list(source)
+        refs = list_source_records(source, fs=fs) if isinstance(source, (str, Path)) else list(source)
         logger.info("source %s: %d records", tag, len(refs))
         for ref in refs:
             out.append(

@@ -1,13 +1,10 @@
 """Record sources: find WFDB records under a path and read them in physical units.
 
-Four layouts are recognised (``detect_source_kind``):
+Three layouts are recognised (``detect_source_kind``):
 
 - ``"record_list"``: a root folder holding ``record_list.csv`` with a ``path`` column (record path relative to the
   root, without extension) and, when present, ``subject_id`` and ``study_id`` columns. This is the layout of the
   MIMIC-IV-ECG diagnostic ECG module (Gow et al., PhysioNet) and of :mod:`kale_ext.loaddata.synthetic`.
-- ``"record_table"``: a root holding a CSV whose path columns point at the WFDB records, one column per sampling
-  rate (the layout of PTB-XL: ``ptbxl_database.csv`` with ``filename_lr`` / ``filename_hr``); listed at the rate
-  asked for by :mod:`kale_ext.loaddata.record_table`, with the table's record and subject ids.
 - ``"header_tree"``: a folder tree of WFDB headers (``*.hea`` with ``.dat`` or ``.mat`` signal files), as in PTB-XL
   or the PhysioNet/Computing in Cardiology Challenge 2021 data. Header comments such as ``# Age: 61`` or
   ``# Dx: 426783006`` are kept as metadata (``Age``, ``Dx``).
@@ -39,7 +36,7 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 RECORD_LIST_NAME = "record_list.csv"
-SOURCE_KINDS = ("record_list", "record_table", "header_tree", "manifest")
+SOURCE_KINDS = ("record_list", "header_tree", "manifest")
 HEADER_SUFFIX = ".hea"
 _UNIT_SCALE = {"mv": 1.0, "uv": 1e-3, "\u00b5v": 1e-3, "\u03bcv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
 
@@ -126,10 +123,6 @@ def detect_source_kind(source: str | Path) -> str:
         raise ValueError(f"{path} is a file but not a CSV manifest; pass a folder or a CSV with a 'path' column")
     if (path / RECORD_LIST_NAME).is_file():
         return "record_list"
-    from kale_ext.loaddata.record_table import find_record_table  # it builds on this module
-
-    if find_record_table(path) is not None:
-        return "record_table"
     if next(iter_headers(path), None) is not None:
         return "header_tree"
     raise ValueError(
@@ -206,14 +199,12 @@ def _from_table(table: pd.DataFrame, root: Path, use_study: bool) -> list[Record
     return refs
 
 
-def list_records(source: str | Path, kind: str = "auto", fs: float | None = None) -> list[RecordRef]:
+def list_records(source: str | Path, kind: str = "auto") -> list[RecordRef]:
     """List the records of a source in a deterministic order.
 
     Args:
         source: folder or manifest CSV (see the module docstring).
         kind: ``"auto"`` (detect) or one of :data:`SOURCE_KINDS`.
-        fs: the sampling rate the records will be used at (Hz); a ``record_table`` lists the files of the rate that
-            suits it (:func:`kale_ext.loaddata.record_table.choose_path_column`); other layouts ignore it.
 
     Returns:
         Records in source order (table order for ``record_list``/``manifest``, sorted paths for ``header_tree``).
@@ -229,10 +220,6 @@ def list_records(source: str | Path, kind: str = "auto", fs: float | None = None
     elif kind == "manifest":
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         refs = _from_table(table, path.parent, use_study=False)
-    elif kind == "record_table":
-        from kale_ext.loaddata.record_table import list_table_records
-
-        refs = list_table_records(path, fs).refs
     elif kind == "header_tree":
         refs = []
         for hea in sorted(iter_headers(path), key=lambda p: p.relative_to(path).parts):  # as Path sorting

@@ -5,8 +5,14 @@ import pandas as pd
 import pytest
 import wfdb
 
-from kale_ext.loaddata.record_table import choose_path_column, find_record_table, list_table_records
-from kale_ext.loaddata.wfdb_sources import detect_source_kind, list_records
+from kale_ext.loaddata.record_table import (
+    choose_path_column,
+    find_record_table,
+    list_source_records,
+    list_table_records,
+    source_kind,
+)
+from kale_ext.loaddata.wfdb_sources import detect_source_kind
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
 
@@ -45,7 +51,7 @@ def test_table_is_found_with_rates_ids_and_subjects(tmp_path):
     table = find_record_table(root)
     assert table.table.name == "database.csv" and table.id_column == "rec" and table.subject_column == ""
     assert table.path_columns == {"file_lo": 50.0, "file_hi": 200.0}
-    assert detect_source_kind(root) == "record_table"  # a header tree before this change
+    assert source_kind(root) == "record_table" and detect_source_kind(root) == "header_tree"  # walked, table unknown
     with_subject = find_record_table(root, subject_column="patient")
     listing = list_table_records(root, 50, table=with_subject)
     assert [r.record_id for r in listing.refs] == ["1", "2", "3", "4"]
@@ -61,7 +67,7 @@ def test_the_rate_column_follows_the_wanted_rate(tmp_path, fs, column, n_refs):
     listing = list_table_records(root, fs)
     assert listing.column == column and len(listing.refs) == n_refs
     assert [r.path.split("/")[-1][-2:] for r in listing.refs] == [column[-2:]] * n_refs
-    assert len(list_records(root, fs=fs)) == n_refs
+    assert len(list_source_records(root, fs=fs)) == n_refs
 
 
 def test_records_without_a_file_at_the_rate_are_reported_not_dropped_silently(tmp_path, caplog):
