@@ -11,7 +11,8 @@ What runs (every number is measured in this run; see ``docs/real_ecg.md`` for th
    samples, latent 32); a random-initialised frozen encoder (the LS-EMVAE architecture, untrained) as the floor; a
    supervised xResNet1d (small widths) trained end to end per fold.
 2. Probes (``kale_ext.evaluate.probe``): repeated subject-level stratified 5-fold CV of a logistic-regression probe on
-   frozen features; AUROC per fold and a pooled bootstrap 95% interval; tasks parsed from LUDB's diagnosis strings.
+   frozen features; AUROC per fold and a pooled bootstrap 95% interval; LUDB's tasks as defined in
+   ``examples/lsemvae_ph/ecg_tables.py`` (read by ``kale_ext.loaddata.diagnosis_labels``).
 3. Lead subsets: probes fitted on 12-lead features scored with 12 / 6 limb / II / I leads (others masked), and probes
    fitted on 6-lead features scored with 6 / II / I.
 4. 6 -> 12 generation: V1-V6 from the six limb leads by each VAE's lead-conditioned (or per-lead) decoder, the VAE
