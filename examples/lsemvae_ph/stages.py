@@ -44,6 +44,7 @@ from kale_ext.loaddata.diagnosis_labels import (
 )
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, label_from_threshold
 from kale_ext.loaddata.label_table import match_labels, read_label_table
+from kale_ext.loaddata.record_table import list_table_records, source_kind
 from kale_ext.loaddata.source_sets import combine_sources, split_sources
 from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
 from kale_ext.loaddata.wfdb_sources import list_records
@@ -312,6 +313,30 @@ def check_labels(run: RunLayout, table: pd.DataFrame) -> None:
     match.raise_if_blocking()
 
 
+def report_missing_records(run: RunLayout, sources: list[str]) -> pd.DataFrame:
+    """Rows of record tables without a file at DATASET.FS, written to ``OUTPUT.DIR/missing_records.csv``.
+
+    Args:
+        run: the run layout.
+        sources: the run's source paths (other layouts have nothing to report).
+
+    Returns:
+        ``source, record_id, reason`` per missing record (empty when none).
+    """
+    rows = []
+    for source in dict.fromkeys(str(s) for s in sources):
+        if Path(source).is_dir() and source_kind(source) == "record_table":
+            listing = list_table_records(source, float(run.cfg.DATASET.FS))
+            rows += [{"source": source, "record_id": rid, "reason": why} for rid, why in listing.missing]
+    table = pd.DataFrame(rows, columns=["source", "record_id", "reason"])
+    run.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(run.out / "missing_records.csv", index=False)
+    if len(table):
+        logger.warning("%d records of record tables have no file at %s Hz and are not used; listed in %s", len(table),
+                       run.cfg.DATASET.FS, run.out / "missing_records.csv")  # fmt: skip
+    return table
+
+
 def stage_prepare(run: RunLayout) -> None:
     """Synthetic cohort (when no data are configured), the caches and the label table."""
     cfg = run.cfg
@@ -329,6 +354,8 @@ def stage_prepare(run: RunLayout) -> None:
             pretrain_source = combine_sources(sources, fs=float(cfg.DATASET.FS))
         else:
             pretrain_source = sources[0] if sources else finetune_source
+        if global_rank() == 0:
+            report_missing_records(run, [finetune_source, *sources])
     _build_cache(run, finetune_source, run.finetune_cache, run.leads)
     if (
         run.spec.pretrained

@@ -96,6 +96,15 @@ def test_statement_labels_and_several_pretraining_sources_are_prepared(archive, 
     assert pd.Series(folds).groupby(finetune["subject_id"].to_numpy()).nunique().max() == 1
 
 
+def test_records_without_a_file_at_the_rate_are_listed(archive, tmp_path):
+    root, other = archive
+    missing = stages.report_missing_records(_run(archive, tmp_path, "DATASET.FS", "100"), [str(root), str(other)])
+    assert list(missing["record_id"]) == [str(i) for i in range(N // 2 + 1, N + 1)]  # no 100 Hz file above N / 2
+    assert "filename_hr" in missing["reason"].iloc[0]
+    assert len(pd.read_csv(tmp_path / "missing_records.csv")) == N // 2
+    assert stages.report_missing_records(_run(archive, tmp_path / "lo"), [str(root)]).empty  # 50 Hz: all there
+
+
 def test_other_targets_and_a_refused_one(archive, tmp_path):
     root, _ = archive
     lvh = stages.make_labels(_run(archive, tmp_path / "a", "TASK.LABEL", "LVH"), root / "ptbxl_database.csv")
