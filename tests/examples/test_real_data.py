@@ -157,3 +157,17 @@ def test_the_real_data_preset_validates_and_finds_its_data(tmp_path, monkeypatch
     for path in [*sources, cfg.DATASET.FINETUNE_SOURCE, cfg.DATASET.LABELS_CSV]:
         assert Path(path).is_absolute() and Path(path).exists(), path
     assert Path(cfg.DATASET.FINETUNE_SOURCE) == (SHARED_ECG / "ptbxl").resolve()
+
+
+def test_a_multi_valued_diagnosis_table_through_the_example(tmp_path):
+    ludb = SHARED_ECG / "ludb"
+    if not (ludb / "ludb.csv").is_file():
+        pytest.skip("LUDB not found at ../shared/data/ecg/ludb")
+    opts = ["DATASET.FINETUNE_SOURCE", str(ludb / "data"), "DATASET.LABELS_CSV", str(ludb / "ludb.csv"),
+            "DATASET.LABEL_ID_COLUMN", "record_id", "DATASET.LABELS_CSV_ID_COLUMN", "ID", "TASK.NAME", "statement",
+            "TASK.LABEL", "left ventricular hypertrophy", "TASK.VALUE_COLUMN", "Hypertrophies",
+            "TASK.EMPTY_VALUE", "negative", "OUTPUT.DIR", str(tmp_path)]  # fmt: skip
+    run = RunLayout.from_cfg(load_cfg(["6L.yaml"], opts))
+    run.out.mkdir(parents=True, exist_ok=True)
+    labels = stages.make_labels(run, ludb / "ludb.csv")
+    assert len(labels) == 160 and labels["label"].sum() == 93 and labels["record_id"].iloc[0] == "1"
