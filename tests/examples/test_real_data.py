@@ -89,6 +89,11 @@ def test_statement_labels_and_several_pretraining_sources_are_prepared(archive, 
     assert len(pretrain) == N + 3 and pretrain["record_id"].is_unique
     assert {s.split(":")[0] for s in pretrain["subject_id"]} == {root.name, other.name}
     assert f"{root.name}:1001" in set(pretrain["subject_id"]) and f"{other.name}:1" in set(pretrain["record_id"])
+    # the pre-training fingerprint names every source: dropping one makes a finished model stale
+    fingerprint = stages.pretrain_fingerprint(run)["config"]["DATASET.PRETRAIN_SOURCE"]
+    assert str(root) in fingerprint and str(other) in fingerprint
+    one = _run(archive, tmp_path / "one", "DATASET.PRETRAIN_SOURCE", str(root))
+    assert stages.pretrain_fingerprint(one) != stages.pretrain_fingerprint(run)
     # the table's folds: strat_fold v -> (v - 1) mod 2, so each patient stays in one fold
     folds = stages.table_folds(run, finetune["record_id"])
     expected = ((labels.set_index("record_id").loc[finetune["record_id"], "table_fold"] - 1) % 2).to_numpy()
