@@ -555,15 +555,17 @@ PATH_KEYS = ("DATASET.PRETRAIN_SOURCE", "DATASET.FINETUNE_SOURCE", "DATASET.LABE
 
 
 def resolve_data_path(value: str, root: Path = REPO_ROOT) -> str:
-    """A relative data path as the current folder sees it when it exists there, else from the repository root.
+    """A relative data path made absolute: from the current folder when it exists there, else from the repository root.
 
     So ``../shared/data/ecg/ptbxl`` in a config finds the data beside the checkout whether ``main.py`` runs from the
-    repository root or from elsewhere. Absolute paths, empty values and paths found nowhere are returned unchanged
-    (the stage that reads them names the missing path).
+    repository root or from elsewhere, and the run's fingerprints hold the same absolute path either way. Absolute
+    paths, empty values and paths found nowhere are returned unchanged (the stage that reads them names the path).
     """
     text = str(value).strip()
-    if not text or Path(text).is_absolute() or Path(text).exists():
+    if not text or Path(text).is_absolute():
         return text
+    if Path(text).exists():
+        return str(Path(text).resolve())
     candidate = root / text
     return str(candidate.resolve()) if candidate.exists() else text
 

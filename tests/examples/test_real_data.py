@@ -140,7 +140,7 @@ def test_relative_data_paths_resolve_from_the_current_folder_else_the_repository
     (repo / "data").mkdir(parents=True)
     (tmp_path / "work" / "here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")
-    assert resolve_data_path("here", repo) == "here"  # found from the current folder: unchanged
+    assert resolve_data_path("here", repo) == str((tmp_path / "work" / "here").resolve())  # from the current folder
     assert resolve_data_path("data", repo) == str((repo / "data").resolve())
     assert resolve_data_path("nowhere", repo) == "nowhere" and resolve_data_path("", repo) == ""
     assert resolve_data_path(str(tmp_path), repo) == str(tmp_path)
