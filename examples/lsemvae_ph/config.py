@@ -14,7 +14,7 @@ from yacs.config import CfgNode
 from kale_ext.embed.conv_ops import CONV_IMPLS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.leads import resolve_leads
-from kale_ext.predict.heads import FEATURE_MODES
+from kale_ext.predict.heads import FEATURE_MODES, WINDOW_POOLINGS
 from kale_ext.predict.objectives import OBJECTIVES
 
 _C = CfgNode()
@@ -214,6 +214,14 @@ _C.PRETRAIN.COMPILE = False
 _C.PRETRAIN.LOADER = "auto"
 # Hold the cache on the training device: "auto" (when it fits in half the free memory), "always" or "never".
 _C.PRETRAIN.RESIDENT = "auto"
+# Windowed pre-training, in samples (a departure from the paper, see docs/models.md "Windowed pre-training"):
+# 0 = whole records (the paper's setting); 1..DATASET.INPUT_LENGTH = the pre-trainable models are built for windows
+# of this length, every training step sees a fresh uniform random window of every record, validation every window,
+# and features of a whole record pool all its windows (FINETUNE.WINDOW_POOLING). 250 = 2.5 s at 100 Hz.
+_C.PRETRAIN.WINDOW = 0
+# Stop pre-training after this many epochs without a better held-out reconstruction r (0 = off; needs
+# PRETRAIN.VAL_FRACTION > 0).
+_C.PRETRAIN.EARLY_STOP_PATIENCE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning (head on frozen encoders, or supervised baselines end to end)
@@ -250,6 +258,9 @@ _C.FINETUNE.FOCAL_ALPHA = -1.0
 _C.FINETUNE.THRESHOLD = "youden"
 # Batch size of the frozen feature extraction.
 _C.FINETUNE.FEATURE_BATCH_SIZE = 64
+# With PRETRAIN.WINDOW > 0: how a record's windows make its features: "poe" (product of the per-window Gaussian
+# posteriors of each lead, then FINETUNE.FEATURES) or "mean" (mean of the per-window features).
+_C.FINETUNE.WINDOW_POOLING = "poe"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
@@ -337,6 +348,7 @@ ACCEPTED = {
     "PRETRAIN.SUBSET_TERMS": ("none", "unimodal", "subset"),
     "PRETRAIN.RESIDENT": ("auto", "always", "never"),
     "FINETUNE.FEATURES": FEATURE_MODES,
+    "FINETUNE.WINDOW_POOLING": WINDOW_POOLINGS,
     "FINETUNE.LOSS": ("focal", "cross_entropy"),
     "FINETUNE.OPTIMIZER": ("adamw", "adam"),
     "TRAINER.ACCELERATOR": ("auto", "cpu", "gpu", "cuda", "mps"),
@@ -390,6 +402,7 @@ def validate_cfg(cfg: CfgNode) -> None:
             lo = f"{low} {'<' if low_open else '<='} value"
             hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
             raise ValueError(f"{key} = {value} is not accepted; use {lo}{hi}")
+    validate_window(cfg)
     threshold = cfg.FINETUNE.THRESHOLD
     if threshold not in ("youden", "argmax"):
         try:
@@ -427,6 +440,30 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"TRAINER.PRECISION = {precision!r} is not accepted; use one of: {', '.join(PRECISIONS)}")
 
 
+def validate_window(cfg: CfgNode) -> None:
+    """PRETRAIN.WINDOW fits the records, ST-MEM's patches tile it, early stopping has held-out subjects."""
+    window, length = int(cfg.PRETRAIN.WINDOW), int(cfg.DATASET.INPUT_LENGTH)
+    if window > length:
+        raise ValueError(
+            f"PRETRAIN.WINDOW = {window} is longer than the records (DATASET.INPUT_LENGTH {length}); use 0 (whole "
+            f"records) or 1..{length} samples"
+        )
+    model_length = window or length
+    patch = int(cfg.MODEL.STMEM_PATCH_SIZE)
+    uses_patches = "patch_size" in MODELS[cfg.MODEL.NAME].options
+    if uses_patches and patch and (model_length % patch or model_length // patch < 2):
+        raise ValueError(
+            f"MODEL.STMEM_PATCH_SIZE = {patch} does not tile the model's input of {model_length} samples "
+            f"(PRETRAIN.WINDOW {window}, DATASET.INPUT_LENGTH {length}) into at least two patches; use a divisor of "
+            f"{model_length} or 0 (chosen from the input length)"
+        )
+    if cfg.PRETRAIN.EARLY_STOP_PATIENCE > 0 and cfg.PRETRAIN.VAL_FRACTION <= 0:
+        raise ValueError(
+            "PRETRAIN.EARLY_STOP_PATIENCE needs held-out subjects to watch; set PRETRAIN.VAL_FRACTION > 0 (e.g. 0.1) "
+            "or PRETRAIN.EARLY_STOP_PATIENCE 0"
+        )
+
+
 # (low, high, low exclusive, high exclusive); high None = no upper bound. Checked before any work starts.
 RANGES = {
     "SEED": (0, None, False, False),
@@ -448,6 +485,8 @@ RANGES = {
     "PRETRAIN.SUBSET_WEIGHT": (0.0, None, False, False),
     "MODEL.GATE_TOP_K": (0, None, False, False),
     "PRETRAIN.CAPACITY_MAX": (0.0, None, False, False),
+    "PRETRAIN.WINDOW": (0, None, False, False),
+    "PRETRAIN.EARLY_STOP_PATIENCE": (0, None, False, False),
     "FINETUNE.EPOCHS": (1, None, False, False),
     "FINETUNE.SUPERVISED_EPOCHS": (0, None, False, False),
     "FINETUNE.BATCH_SIZE": (1, None, False, False),

@@ -254,7 +254,8 @@ def pretrain_settings(run: RunLayout) -> PretrainSettings:
         accelerator=t.ACCELERATOR, devices=t.DEVICES if t.DEVICES != 0 else "auto", num_nodes=t.NUM_NODES,
         strategy=t.STRATEGY, precision=t.PRECISION, log_every_n_steps=t.LOG_EVERY_N_STEPS,
         progress_bar=t.PROGRESS_BAR, resume=p.RESUME, compile=p.COMPILE, loader=p.LOADER,
-        resident={"auto": "auto", "always": True, "never": False}[p.RESIDENT],
+        resident={"auto": "auto", "always": True, "never": False}[p.RESIDENT], window=run.window,
+        early_stop_patience=p.EARLY_STOP_PATIENCE,
     )  # fmt: skip
 
 
@@ -348,7 +349,8 @@ def stage_finetune(run: RunLayout) -> None:
     else:
         vae = artifacts.load_model(run.pretrain_dir, device=settings.device)
         logger.info("computing frozen %s features of %d records once (sliced per fold)", run.features, len(dataset))
-        extractor = LatentFeatureExtractor(vae, run.leads, run.features)
+        pooling = run.cfg.FINETUNE.WINDOW_POOLING
+        extractor = LatentFeatureExtractor(vae, run.leads, run.features, window=run.window, pooling=pooling)
         batch, bar = run.cfg.FINETUNE.FEATURE_BATCH_SIZE, run.cfg.TRAINER.PROGRESS_BAR
         features = extract_features(extractor, dataset, batch, settings.device, bar)
         np.save(out / "features.npy", features)
@@ -360,6 +362,8 @@ def stage_finetune(run: RunLayout) -> None:
             run.features,
             features.shape[1],
             run.pretrain_dir,
+            window=run.window,
+            window_pooling=pooling,
         )
         data, make = feature_dataset(features, labels), artifacts.head_factory(info)
 

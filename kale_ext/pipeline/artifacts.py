@@ -8,6 +8,10 @@ needed to use a trained model.
   and a ``DONE`` marker, written last.
 - Fine-tuning folder: ``classifier.json`` (what the fold classifiers are) and ``fold<k>/model.pt`` +
   ``fold<k>/metrics.json`` per fold.
+
+A model pre-trained on windows (``PRETRAIN.WINDOW``) is built with ``input_dim`` = the window, and
+``classifier.json`` records ``window`` and ``window_pooling``: the fold classifiers take whole records and pool the
+features of every window of them (``LatentFeatureExtractor``). Records without these keys are whole-record models.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ def classifier_info(
     features: str | None = None,
     in_features: int | None = None,
     pretrain_dir: str | Path | None = None,
+    window: int = 0,
+    window_pooling: str = "poe",
 ) -> dict:
     """The JSON record of a run's fold classifiers.
 
@@ -111,6 +117,8 @@ def classifier_info(
         features: feature mode of a latent model (None for a network that is a classifier itself).
         in_features: width of the features a head on frozen features takes.
         pretrain_dir: folder of the frozen pre-trained model (heads on frozen features).
+        window: samples per window of a model pre-trained on windows (0 = whole records).
+        window_pooling: how the windows' features of a record are pooled (``"poe"`` or ``"mean"``).
 
     Returns:
         dict with ``kind`` ``"head"`` (a head on frozen features) or ``"end_to_end"``.
@@ -127,6 +135,8 @@ def classifier_info(
     }
     if not spec.end_to_end:
         info.update(in_features=int(in_features), pretrain_dir=str(pretrain_dir))
+    if int(window) > 0:
+        info.update(window=int(window), window_pooling=str(window_pooling))
     return info
 
 
@@ -196,7 +206,11 @@ def load_fold_classifier(out_dir: str | Path, fold: int, device: str = "cpu") ->
         head = head_factory(info)()
         head.load_state_dict(state)
         vae = load_model(info["pretrain_dir"], device=device)
-        model = FeatureClassifier(LatentFeatureExtractor(vae, info["leads"], info["features"]), head)
+        extractor = LatentFeatureExtractor(
+            vae, info["leads"], info["features"], window=int(info.get("window", 0)),
+            pooling=info.get("window_pooling", "poe"),
+        )  # fmt: skip
+        model = FeatureClassifier(extractor, head)
     else:
         model = end_to_end_factory(info)()
         model.load_state_dict(state)
