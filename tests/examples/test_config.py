@@ -71,3 +71,40 @@ def test_preprocessing_keys_reach_the_spec_and_its_fingerprint():
     assert us.preprocess.powerline_hz == 60.0 and off.preprocess.highpass_hz is None
     assert len({base.preprocess.fingerprint(), us.preprocess.fingerprint(), off.preprocess.fingerprint()}) == 3
     assert base.finetune_cache != us.finetune_cache  # another preprocessing never reuses a cache
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["PRETRAIN.WINDOW", "-1"], "0 <= value"),
+        (["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "1001"], "DATASET.INPUT_LENGTH 1000"),
+        (["PRETRAIN.EARLY_STOP_PATIENCE", "3", "PRETRAIN.VAL_FRACTION", "0.0"], "PRETRAIN.VAL_FRACTION > 0"),
+        (["MODEL.NAME", "stmem", "MODEL.STMEM_PATCH_SIZE", "75", "PRETRAIN.WINDOW", "250"], "divisor of 250"),
+        (["FINETUNE.WINDOW_POOLING", "max"], "poe"),
+    ],
+)
+def test_window_keys_are_checked_before_any_work(opts, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        load_cfg(["6L.yaml"], opts)
+
+
+def test_windowed_models_are_built_for_the_window_and_the_paper_default_is_whole_records():
+    """PRETRAIN.WINDOW sets the input length of every latent model (ST-MEM's patches follow); 0 keeps the records."""
+    from kale_ext.embed.zoo import build_from_args
+
+    base = RunLayout.from_cfg(load_cfg([]))
+    assert base.cfg.PRETRAIN.WINDOW == 0 and base.window == 0
+    assert base.build_args(base.leads)["input_dim"] == base.cfg.DATASET.INPUT_LENGTH
+    assert base.cfg.PRETRAIN.VAL_FRACTION == 0.1 and base.cfg.PRETRAIN.EARLY_STOP_PATIENCE == 0
+    short = ["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "250", "MODEL.LATENT_DIM", "4"]
+    for name in ("lsemvae", "mvae", "mopoe", "betavae", "stmem", "random_encoder"):
+        run = RunLayout.from_cfg(load_cfg([], [*short, "MODEL.NAME", name, "MODEL.STMEM_PRESET", "small"]))
+        args = run.build_args(run.pretrain_leads)
+        assert run.window == 250 and args["input_dim"] == 250, name
+        if name == "stmem":
+            model = build_from_args(**args)
+            assert 250 % model.patch_size == 0 and model.n_patches >= 2
+    supervised = RunLayout.from_cfg(load_cfg([], [*short, "MODEL.NAME", "resnet1d"]))
+    assert supervised.window == 0 and supervised.build_args(supervised.leads)["input_dim"] == 1000
+    whole = RunLayout.from_cfg(load_cfg([], ["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "1000"]))
+    assert whole.window == 0  # a window as long as the records is whole records

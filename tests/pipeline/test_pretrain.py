@@ -4,17 +4,22 @@ import json
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers.lightning import FailAtEpoch, SimulatedInterruption
 from torch.utils.data import Dataset
 
-from kale_ext.embed.zoo import build_model
+from kale_ext.embed.zoo import MODELS, build_model
+from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+from kale_ext.loaddata.leads import CANONICAL_LEADS
 from kale_ext.pipeline.artifacts import is_pretrained, load_model
 from kale_ext.pipeline.pretrain import (
     EpochSeededSampler,
     PretrainModule,
     PretrainSettings,
+    lead_pearson_r,
     resumable_checkpoint,
     run_pretraining,
     split_by_subject,
@@ -264,3 +269,165 @@ def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp
     with pytest.raises(pickle.UnpicklingError):
         load_model(tmp_path)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Windowed pre-training, loaders' step counts, reconstruction r per epoch, early stopping
+# ---------------------------------------------------------------------------------------------------------------------
+class _Ramp(_TinyLeads):
+    """Signals that name their own position: record b, time t holds ``b * T + t`` (every lead), all leads present."""
+
+    def __init__(self, n=24):
+        super().__init__(n)
+        self.x = (torch.arange(n).view(n, 1, 1) * T + torch.arange(T).view(1, 1, T)).float().expand(-1, 3, -1)
+        self.mask = torch.ones(n, len(LEADS), dtype=torch.bool)
+
+
+class _Recording(ELBOObjective):
+    """ELBO that records where every window it is given starts: (sample, record, start) per item."""
+
+    def __init__(self):
+        super().__init__(beta=1.0, beta_warmup_epochs=2, gamma=1.0)
+        self.seen = []
+
+    def forward(self, model, batch, progress):
+        first = batch.signals[:, 0, :].detach().long()
+        # a window is a run of consecutive positions of one record
+        assert torch.equal(first - first[:, :1], torch.arange(first.shape[1]).expand_as(first))
+        self.seen.append((batch.sample, (first[:, 0] // T).tolist(), (first[:, 0] % T).tolist(), first.shape[1]))
+        return super().forward(model, batch, progress)
+
+
+def _windowed_run(tmp_path, name, window=16, seed=7, **kw):
+    torch.manual_seed(0)
+    model = build_model("lsemvae", LEADS, window, 4)
+    objective = _Recording()
+    settings = _settings(epochs=2, window=window, seed=seed, lr=1e-6, resume=False, **kw)
+    run_pretraining(model, objective, _Ramp(), tmp_path / name, settings)
+    return objective.seen
+
+
+def test_windowed_training_draws_a_fresh_uniform_crop_per_step_within_bounds_and_reproducibly(tmp_path):
+    """PRETRAIN.WINDOW: every training step crops each record anew; the same seed crops the same windows."""
+    window = 16
+    seen = _windowed_run(tmp_path, "a", window)
+    train = [s for s in seen if s[0]]
+    assert len(train) == 2 * 3  # 18 training records, batch 8: 3 steps per epoch (short last batch kept)
+    starts = [start for _, _, step_starts, width in train for start in step_starts]
+    assert all(width == window for *_, width in train)
+    assert min(starts) >= 0 and max(starts) <= T - window
+    assert len(set(starts)) > 10  # uniform over 0..48, not one fixed window
+    # the same record gets different windows in different steps (a new crop per step)
+    by_record = {}
+    for _, records, step_starts, _ in train:
+        for r, s in zip(records, step_starts):
+            by_record.setdefault(r, set()).add(s)
+    assert sum(len(v) > 1 for v in by_record.values()) >= len(by_record) // 2
+    # validation sees every window of each held-out record (non-overlapping tiles)
+    held_out = [s for s in seen if not s[0]]
+    pairs = {(r, s) for _, records, starts, _ in held_out for r, s in zip(records, starts)}
+    records = {r for r, _ in pairs}
+    assert len(records) == 6  # 3 of 12 subjects, two records each
+    assert pairs == {(r, s) for r in records for s in (0, 16, 32, 48)}
+    assert _windowed_run(tmp_path, "b", window) == seen  # same seed, same crops
+
+
+@pytest.mark.parametrize("name", [n for n, spec in MODELS.items() if spec.pretrained])
+def test_every_pre_trainable_model_trains_and_validates_on_windows(name):
+    """Each registry model built for a window takes a random crop (training) and every window (validation)."""
+    window, length = 32, 96
+    options = {"preset": "small"} if "preset" in MODELS[name].options else {}
+    torch.manual_seed(0)
+    model = build_model(name, LEADS, window, 4, **options)
+    objective = build_objective(MODELS[name].objective)
+    module = PretrainModule(model, objective, leads=LEADS, window=window)
+    batch = {"signals": torch.randn(5, 3, length), "mask": torch.ones(5, 3, dtype=torch.bool)}
+    train = module.crop_batch(batch, train=True)
+    assert train["signals"].shape == (5, 3, window)
+    assert torch.isfinite(module.compute_losses(train, sample=True)["loss"])
+    val = module.crop_batch(batch, train=False)
+    assert val["signals"].shape == (3 * 5, 3, window) and val["mask"].shape == (15, 3)
+    assert torch.isfinite(module.compute_losses(val, sample=False)["loss"])
+
+
+def test_window_zero_or_the_record_length_leaves_batches_as_they_are():
+    module = PretrainModule(_model(), _objective(), window=0)
+    batch = {"signals": torch.randn(2, 3, T), "mask": torch.ones(2, 3, dtype=torch.bool)}
+    assert module.crop_batch(batch, train=True) is batch
+    assert PretrainModule(_model(), _objective(), window=T).crop_batch(batch, train=False) is batch
+
+
+def _cache_dataset(path, n=22):
+    """An ECGLeadDataset over a small 12-lead cache (the stream needs one)."""
+    rng = np.random.default_rng(0)
+    signals = (rng.standard_normal((n, 1, T)).cumsum(-1) / 8 + 0.1 * rng.standard_normal((n, 12, T))).astype("float32")
+    path.mkdir(parents=True)
+    np.save(path / "signals.npy", signals)
+    index = pd.DataFrame({"record_id": [f"r{i}" for i in range(n)], "subject_id": [f"s{i // 2}" for i in range(n)]})
+    for name in CANONICAL_LEADS:
+        index[f"present_{name}"] = 1
+    index.to_csv(path / "index.csv", index=False)
+    meta = {"fingerprint": "test", "lead_names": list(CANONICAL_LEADS), "dtype": "float32"}
+    (path / "spec.json").write_text(json.dumps(meta))
+    return ECGLeadDataset(path, leads=CANONICAL_LEADS)
+
+
+class _StepLog(pl.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.steps.append((trainer.current_epoch, int(trainer.global_step), round(module.current_beta(), 9)))
+
+
+def test_both_loaders_give_the_same_optimiser_steps_and_beta_warm_up(tmp_path):
+    """The stream keeps the short last batch as the DataLoader does: 20 training records, batch 8 -> 3 steps."""
+    data = _cache_dataset(tmp_path / "cache")
+    logs = {}
+    for loader in ("stream", "dataloader"):
+        torch.manual_seed(0)
+        model = build_model("lsemvae", CANONICAL_LEADS, T, 4)
+        logs[loader] = _StepLog()
+        settings = _settings(epochs=2, loader=loader, val_fraction=0.1, resume=False)
+        run_pretraining(model, _objective(), data, tmp_path / loader, settings, callbacks=[logs[loader]])
+    assert logs["stream"].steps == logs["dataloader"].steps
+    assert [s for e, s, _ in logs["stream"].steps if e == 0] == [0, 1, 2]
+    assert len({b for *_, b in logs["stream"].steps}) == 6  # beta rises every step over the 2-epoch warm-up
+
+
+def test_held_out_and_training_reconstruction_r_are_logged_every_epoch(tmp_path, caplog):
+    data = _cache_dataset(tmp_path / "cache")
+    torch.manual_seed(0)
+    model = build_model("lsemvae", CANONICAL_LEADS, T, 4)
+    with caplog.at_level("INFO", logger="kale_ext.pipeline.pretrain"):
+        run_pretraining(model, _objective(), data, tmp_path / "run", _settings(epochs=3, val_fraction=0.2))
+    lines = [r.getMessage() for r in caplog.records if "recon r train" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("| held-out " in line and "| 6->12 r held-out " in line for line in lines)
+    metrics = pd.read_csv(next((tmp_path / "run" / "logs").rglob("metrics.csv")))
+    for key in ("val/recon_r", "train/recon_r", "val/gen_r_6to12"):
+        values = metrics[key].dropna()
+        assert len(values) == 3 and values.between(-1, 1).all(), key
+
+
+def test_lead_pearson_r_scores_present_leads_only():
+    target = torch.randn(2, 3, 50)
+    recon = torch.stack([target[:, 0], -target[:, 1], torch.zeros(2, 50)], dim=1) * 3 + 1
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    r, valid = lead_pearson_r(recon, target, mask)
+    assert torch.allclose(r[:, 0], torch.ones(2), atol=1e-5) and torch.allclose(r[0, 1], torch.tensor(-1.0), atol=1e-5)
+    assert valid.tolist() == [[True, True, False], [True, False, False]]  # a flat reconstruction has no r
+
+
+def test_early_stopping_stops_when_held_out_reconstruction_stops_improving(tmp_path):
+    """lr 0: the held-out r never improves, so patience 1 stops after the second of ten epochs."""
+    model = _model()
+    settings = _settings(epochs=10, early_stop_patience=1, lr=1e-30)
+    run_pretraining(model, _objective(), _TinyLeads(), tmp_path, settings)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1  # epochs 0 and 1 ran
+    assert is_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="VAL_FRACTION"):
+        run_pretraining(
+            _model(), _objective(), _TinyLeads(), tmp_path / "b", _settings(early_stop_patience=1, val_fraction=0)
+        )
