@@ -420,3 +420,35 @@ def test_interpret_stage_on_the_runs_own_outputs(tiny_run):
     assert np.isclose(gates["weight_mean"].sum(), 1.0, atol=1e-5) and "shared (PoE)" in set(gates["expert"])
     pngs = sorted(p.name for p in folder.glob("*.png"))
     assert "lead_importance.png" in pngs and any(p.startswith("subject_") for p in pngs)
+
+
+def test_windowed_run_pretrains_on_windows_and_scores_whole_records(tiny_run, tmp_path):
+    """PRETRAIN.WINDOW 64 of 256 samples: the model is built for windows, its classifiers and predict take records."""
+    import main as pipeline
+
+    out = tmp_path / "windowed"
+    opts = [*tiny_opts(tiny_run["shared"]), "OUTPUT.DIR", str(out), "PRETRAIN.WINDOW", "64"]
+    proc = _run_main(["--cfg", "6L.yaml", *opts])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "pretrain" / "model_args.json").read_text())["input_dim"] == 64
+    info = json.loads((out / "finetune" / "classifier.json").read_text())
+    assert info["window"] == 64 and info["window_pooling"] == "poe"
+    log = (out / "run.log").read_text()
+    assert "epoch 2/2: recon r train" in log and "| held-out " in log
+    cfg = _cfg(
+        tiny_run["shared"],
+        out,
+        "PRETRAIN.WINDOW",
+        "64",
+        "PREDICT.SOURCE",
+        str(tiny_run["shared"] / "data" / "labelled"),
+    )
+    pipeline.run(cfg, "predict")
+    scores = pd.read_csv(out / "predict" / "scores.csv")
+    assert (scores["status"] == "ok").sum() == 36 and scores["probability"].between(0, 1).all()
+    proc = _run_main(
+        ["--cfg", "6L.yaml", "--stage", "interpret", *opts, "INTERPRET.N_STEPS", "4", "INTERPRET.SUBJECTS", "1"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gates = pd.read_csv(out / "interpret" / "gate_weights.csv")
+    assert np.isclose(gates["weight_mean"].sum(), 1.0, atol=1e-5)
