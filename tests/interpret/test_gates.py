@@ -135,7 +135,7 @@ def test_gate_is_recognised_by_attribute_not_by_class_name():
 
 
 def test_a_windowed_model_gets_the_mean_weights_of_every_window_of_a_record():
-    """With ``window`` the records are cut into every window (the last flush with the end) and their weights averaged."""
+    """With ``window`` each record is cut into every window (the last flush with the end); weights are averaged."""
     from kale_ext.embed.zoo import build_model
 
     torch.manual_seed(0)
