@@ -135,28 +135,37 @@ def test_paper_mode_beta_anneals_per_step_and_reference_per_epoch():
         build_objective("bogus")
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("window", [0, 24])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, window):
+    """Also with windowed pre-training: the crops come from the per-step reseeded generator."""
     data = _TinyLeads()
-    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": T, "latent_dim": 4}
-    full = _model(1)
-    run_pretraining(full, _objective(), data, tmp_path / "full", _settings(), build_args=args)
+    length = window or T
+    args = {"name": "lsemvae", "lead_names": list(LEADS), "input_dim": length, "latent_dim": 4}
 
-    killed = _model(1)
+    def model(seed):
+        torch.manual_seed(seed)
+        return build_model("lsemvae", LEADS, length, 4)
+
+    settings = _settings(window=window)
+    full = model(1)
+    run_pretraining(full, _objective(), data, tmp_path / "full", settings, build_args=args)
+
+    killed = model(1)
     with pytest.raises(SimulatedInterruption):
         run_pretraining(
-            killed, _objective(), data, tmp_path / "resumed", _settings(), build_args=args, callbacks=[FailAtEpoch(2)]
+            killed, _objective(), data, tmp_path / "resumed", settings, build_args=args, callbacks=[FailAtEpoch(2)]
         )
     assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").exists()
     assert not is_pretrained(tmp_path / "resumed")
-    fresh = _model(99)  # a different initialisation: everything must come from the checkpoint
-    result = run_pretraining(fresh, _objective(), data, tmp_path / "resumed", _settings(), build_args=args)
+    fresh = model(99)  # a different initialisation: everything must come from the checkpoint
+    result = run_pretraining(fresh, _objective(), data, tmp_path / "resumed", settings, build_args=args)
     assert result.resumed_from is not None
     a, b = full.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     assert max(diffs.values()) <= 1e-6, {k: v for k, v in diffs.items() if v > 1e-6}
     # the weights moved from the initialisation (the test can fail)
-    init = _model(1).state_dict()
+    init = model(1).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
