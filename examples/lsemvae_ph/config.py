@@ -258,9 +258,10 @@ _C.FINETUNE.FOCAL_ALPHA = -1.0
 _C.FINETUNE.THRESHOLD = "youden"
 # Batch size of the frozen feature extraction.
 _C.FINETUNE.FEATURE_BATCH_SIZE = 64
-# With PRETRAIN.WINDOW > 0: how a record's windows make its features: "poe" (product of the per-window Gaussian
-# posteriors of each lead, then FINETUNE.FEATURES) or "mean" (mean of the per-window features).
-_C.FINETUNE.WINDOW_POOLING = "poe"
+# With PRETRAIN.WINDOW > 0: how a record's windows make its features: "mean" (mean of the per-window features;
+# chosen by measurement, docs/models.md "Windowed pre-training") or "poe" (product of the per-window Gaussian
+# posteriors of each lead, then FINETUNE.FEATURES).
+_C.FINETUNE.WINDOW_POOLING = "mean"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation

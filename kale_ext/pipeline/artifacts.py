@@ -105,7 +105,7 @@ def classifier_info(
     in_features: int | None = None,
     pretrain_dir: str | Path | None = None,
     window: int = 0,
-    window_pooling: str = "poe",
+    window_pooling: str = "mean",
 ) -> dict:
     """The JSON record of a run's fold classifiers.
 
@@ -118,7 +118,7 @@ def classifier_info(
         in_features: width of the features a head on frozen features takes.
         pretrain_dir: folder of the frozen pre-trained model (heads on frozen features).
         window: samples per window of a model pre-trained on windows (0 = whole records).
-        window_pooling: how the windows' features of a record are pooled (``"poe"`` or ``"mean"``).
+        window_pooling: how the windows' features of a record are pooled (``"mean"`` or ``"poe"``).
 
     Returns:
         dict with ``kind`` ``"head"`` (a head on frozen features) or ``"end_to_end"``.
@@ -208,7 +208,7 @@ def load_fold_classifier(out_dir: str | Path, fold: int, device: str = "cpu") ->
         vae = load_model(info["pretrain_dir"], device=device)
         extractor = LatentFeatureExtractor(
             vae, info["leads"], info["features"], window=int(info.get("window", 0)),
-            pooling=info.get("window_pooling", "poe"),
+            pooling=info.get("window_pooling", "mean"),
         )  # fmt: skip
         model = FeatureClassifier(extractor, head)
     else:

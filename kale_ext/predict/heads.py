@@ -18,7 +18,7 @@ from kale_ext.loaddata.windows import all_windows, check_window
 
 FEATURE_MODES = ("concat_means", "fused_mean", "pooled")
 # How the features of a record's windows become one record's features (windowed models only).
-WINDOW_POOLINGS = ("poe", "mean")
+WINDOW_POOLINGS = ("mean", "poe")
 
 
 class ClassificationHead(nn.Module):
@@ -80,9 +80,10 @@ class LatentFeatureExtractor(nn.Module):
             whole records. When ``0 < window < time``, every window of the record (non-overlapping tiles, the last
             one flush with the end, :func:`kale_ext.loaddata.windows.window_starts`) is encoded and the windows'
             features are pooled into the record's features.
-        pooling: ``"poe"``: the product of the per-window Gaussian posteriors of each lead expert (precisions add,
-            means are precision-weighted), then ``mode`` on the pooled posteriors; ``"mean"``: the mean of the
-            per-window features. ``"pooled"`` features (no posterior) are always averaged.
+        pooling: ``"mean"`` (default): the mean of the per-window features; ``"poe"``: the product of the
+            per-window Gaussian posteriors of each lead expert (precisions add, means are precision-weighted), then
+            ``mode`` on the pooled posteriors. ``"pooled"`` features (no posterior) are always averaged. The default
+            was chosen by a probe measurement on real records (docs/models.md, "Windowed pre-training").
 
     A model with one joint encoder over all leads (``vae.joint`` True, e.g. the beta-VAE baseline) has a
     single expert: both modes then give its posterior mean, F = D. When the model's ``encode`` accepts a
@@ -95,7 +96,7 @@ class LatentFeatureExtractor(nn.Module):
         leads: Sequence[str],
         mode: str = "concat_means",
         window: int = 0,
-        pooling: str = "poe",
+        pooling: str = "mean",
     ):
         super().__init__()
         if mode not in FEATURE_MODES:

@@ -80,7 +80,7 @@ def test_preprocessing_keys_reach_the_spec_and_its_fingerprint():
         (["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "1001"], "DATASET.INPUT_LENGTH 1000"),
         (["PRETRAIN.EARLY_STOP_PATIENCE", "3", "PRETRAIN.VAL_FRACTION", "0.0"], "PRETRAIN.VAL_FRACTION > 0"),
         (["MODEL.NAME", "stmem", "MODEL.STMEM_PATCH_SIZE", "75", "PRETRAIN.WINDOW", "250"], "divisor of 250"),
-        (["FINETUNE.WINDOW_POOLING", "max"], "poe"),
+        (["FINETUNE.WINDOW_POOLING", "max"], "mean"),
     ],
 )
 def test_window_keys_are_checked_before_any_work(opts, words):

@@ -432,7 +432,7 @@ def test_windowed_run_pretrains_on_windows_and_scores_whole_records(tiny_run, tm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "pretrain" / "model_args.json").read_text())["input_dim"] == 64
     info = json.loads((out / "finetune" / "classifier.json").read_text())
-    assert info["window"] == 64 and info["window_pooling"] == "poe"
+    assert info["window"] == 64 and info["window_pooling"] == "mean"
     log = (out / "run.log").read_text()
     assert "epoch 2/2: recon r train" in log and "| held-out " in log
     cfg = _cfg(
