@@ -155,6 +155,12 @@ class LatentFeatureExtractor(nn.Module):
             )
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask must be (batch, leads) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        model_length = getattr(self.vae, "input_dim", None)
+        if self.window == 0 and model_length is not None and x.shape[-1] > int(model_length):
+            raise ValueError(
+                f"the model takes {model_length} samples per lead but the records have {x.shape[-1]}: it was "
+                f"pre-trained on windows (PRETRAIN.WINDOW); pass window={model_length} to pool every window"
+            )
         if self.window == 0 or check_window(self.window, x.shape[-1]) == x.shape[-1]:
             return self._features(x, mask)  # whole records: exactly the unwindowed path
         windows = all_windows(x, self.window)  # (n_windows, B, L, W)

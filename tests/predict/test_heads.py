@@ -322,3 +322,5 @@ def test_extractor_refuses_unknown_pooling_and_negative_windows(vae):
         LatentFeatureExtractor(vae, LEADS, window=8, pooling="max")
     with pytest.raises(ValueError, match="whole records"):
         LatentFeatureExtractor(vae, LEADS, window=-1)
+    with pytest.raises(ValueError, match="window=16"):  # a windowed model given whole records without its window
+        LatentFeatureExtractor(vae, LEADS)(torch.randn(2, len(LEADS), 4 * T))
