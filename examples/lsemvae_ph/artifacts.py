@@ -8,16 +8,12 @@ Stable names (the interpretation stage depends on them):
   order of ``finetune_dataset(cfg)``).
 - ``load_pretrained_model(cfg, device="cpu") -> MultimodalVAE | None``: the frozen pre-trained model (None for
   models without pre-training).
-- ``model_window(cfg) -> int``: samples per window of a model pre-trained on windows, as recorded with the fold
-  classifiers (0 = whole records).
 - ``load_fold_classifier(cfg, fold, device="cpu") -> nn.Module``: ``forward(x (B, L, T), mask (B, L) | None) ->
   logits (B, 2)`` for the leads of ``DATASET.LEADS`` in that order, in eval mode
   (``kale_ext.pipeline.artifacts.load_fold_classifier``).
 """
 
 from __future__ import annotations
-
-import json
 
 import pandas as pd
 from layout import RunLayout
@@ -50,14 +46,6 @@ def load_pretrained_model(cfg: CfgNode, device: str = "cpu") -> nn.Module | None
     """The pre-trained model in eval mode, or None for models without pre-training."""
     run = RunLayout.from_cfg(cfg)
     return library.load_model(run.pretrain_dir, device=device) if run.spec.pretrained else None
-
-
-def model_window(cfg: CfgNode) -> int:
-    """Samples per window of the run's latent model (``window`` of ``finetune/classifier.json``; 0 = whole records)."""
-    path = RunLayout.from_cfg(cfg).finetune_dir / library.CLASSIFIER_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; run main.py --stage finetune with this config first")
-    return int(json.loads(path.read_text(encoding="utf-8")).get("window", 0))
 
 
 def load_fold_classifier(cfg: CfgNode, fold: int, device: str = "cpu") -> nn.Module:

@@ -123,7 +123,6 @@ def run_interpret(cfg: CfgNode) -> Path:
     leads = tuple(dataset.leads)
     labels = folds["label"].to_numpy().astype(int)
     vae = artifacts.load_pretrained_model(cfg, device)
-    input_window = artifacts.model_window(cfg) if vae is not None else 0  # a windowed model sees every window
     synthetic = artifacts.is_synthetic(cfg)
     logger.info(
         "interpreting %s on %d records, leads %s (%s data)",
@@ -156,7 +155,9 @@ def run_interpret(cfg: CfgNode) -> Path:
         importance.append(lead_importance_table(ratio, leads, y, np.full(len(idx), fold)))
         ablation.append(lead_ablation(model, x, y, leads, mask, fold=int(fold)))
         if vae is not None:
-            gates = compute_gate_weights(vae, x, leads, mask, window=input_window)
+            # A model pre-trained on windows sees every window of a record, as its fold classifier's extractor does.
+            model_window = getattr(getattr(model, "extractor", None), "window", 0)
+            gates = compute_gate_weights(vae, x, leads, mask, window=model_window)
             gate_tables.append(gate_weight_table(gates, y, np.full(len(idx), fold)))
         a = attr.attributions.numpy()
         for i in range(len(idx)):
