@@ -515,12 +515,23 @@ class PretrainModule(pl.LightningModule):
                 self._add_sum("val/gen_r_6to12", r, valid)
 
     def _add_sum(self, name: str, r: torch.Tensor, valid: torch.Tensor) -> None:
-        sums = torch.stack([r[valid].double().sum(), valid.sum().double()])
-        self._r_sums[name] = sums if name not in self._r_sums else self._r_sums[name] + sums
+        # torch.where, not boolean indexing: no host synchronisation per batch
+        sums = torch.stack(
+            [torch.where(valid, r, torch.zeros((), device=r.device)).double().sum(), valid.double().sum()]
+        )
+        self._r_sums[name] = sums if name not in self._r_sums else self._r_sums[name] + sums.to(self._r_sums[name])
 
     def on_validation_epoch_start(self) -> None:
-        """Start the epoch's reconstruction sums afresh."""
+        """Start the epoch's reconstruction sums afresh, with the same keys on every process (reduced together)."""
         self._r_sums = {}
+        if not self.measures_recon:
+            return
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "val_names", None) or (HELD_OUT,)
+        keys = [f"{'val' if part == HELD_OUT else 'train'}/recon_r" for part in names]
+        if HELD_OUT in names and self.measures_generation:
+            keys.append("val/gen_r_6to12")
+        self._r_sums = {key: torch.zeros(2, dtype=torch.float64, device=self.device) for key in keys}
 
     def on_validation_epoch_end(self) -> None:
         """Log the epoch's reconstruction r (summed over processes) and one readable line in the run log."""
