@@ -253,8 +253,8 @@ _C.PRETRAIN.RESIDENT = "auto"
 # of this length, every training step sees a fresh uniform random window of every record, validation every window,
 # and features of a whole record pool all its windows (FINETUNE.WINDOW_POOLING). 250 = 2.5 s at 100 Hz.
 _C.PRETRAIN.WINDOW = 0
-# Stop pre-training after this many epochs without a better held-out reconstruction r (0 = off; needs
-# PRETRAIN.VAL_FRACTION > 0).
+# Stop pre-training after this many epochs without a better held-out reconstruction r and keep the best held-out
+# epoch's weights (0 = off; needs PRETRAIN.VAL_FRACTION > 0).
 _C.PRETRAIN.EARLY_STOP_PATIENCE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------

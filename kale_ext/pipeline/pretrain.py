@@ -18,7 +18,8 @@ What a run shows per epoch (logged to CSV/TensorBoard and as one line of the run
 posterior-mean reconstruction and the input over present leads, on held-out subjects (``val/recon_r``) and on a fixed
 subset of the training records (``train/recon_r``, measured the same way), and, for 12-lead models, the held-out
 generation of V1-V6 from the six limb leads alone (``val/gen_r_6to12``). A held-out r far below the training r is
-memorising; ``PretrainSettings.early_stop_patience`` stops on the held-out r.
+memorising; ``PretrainSettings.early_stop_patience`` stops on the held-out r and saves the best held-out epoch's
+weights (``checkpoints/best.ckpt``) as the model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgre
 logger = logging.getLogger(__name__)
 
 GATE_DIAGNOSTICS_FILE = "gate_diagnostics.csv"
+BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best held-out epoch (kept with early stopping)
 
 LOADERS = ("auto", "stream", "dataloader")
 # Names of the validation loaders: held-out subjects, and a fixed subset of the training records (for train recon r).
@@ -706,6 +708,12 @@ def run_pretraining(
             )
         monitor, mode = ("val/recon_r", "max") if module.measures_recon else ("val/loss", "min")
         stopping.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(settings.early_stop_patience)))
+        # The saved model is the best held-out epoch's, not the last one (patience epochs past it).
+        stopping.append(
+            ModelCheckpoint(
+                dirpath=out_dir / "checkpoints", filename=BEST_CHECKPOINT, monitor=monitor, mode=mode, save_top_k=1
+            )
+        )
     ckpt_dir = out_dir / "checkpoints"
     all_callbacks: list[pl.Callback] = [
         ReseedCallback(settings.seed),
@@ -744,6 +752,12 @@ def run_pretraining(
         logger.info("resuming pre-training from %s", resume)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     model_path = out_dir / "model.pt"
+    best = next((cb for cb in stopping if isinstance(cb, ModelCheckpoint)), None)
+    if best is not None and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        logger.info("keeping the best held-out epoch's weights (%s %.4f): %s", best.monitor, best.best_model_score,
+                    best.best_model_path)  # fmt: skip
     if trainer.is_global_zero:
         model_path = save_model(model, out_dir, build_args, extra_files)
     return PretrainResult(model_path=model_path, is_global_zero=trainer.is_global_zero, resumed_from=resume)

@@ -428,6 +428,38 @@ def test_lead_pearson_r_scores_present_leads_only():
     assert valid.tolist() == [[True, True, False], [True, False, False]]  # a flat reconstruction has no r
 
 
+class _Scramble(pl.Callback):
+    """Moves every weight at the start of each epoch after the first, and keeps each epoch's weights."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_epoch_start(self, trainer, module):
+        epoch = trainer.current_epoch
+        if epoch > 0:
+            g = torch.Generator().manual_seed(epoch)
+            with torch.no_grad():
+                for p in module.model.parameters():
+                    p.add_(0.5 * torch.randn(p.shape, generator=g))
+        self.weights[epoch] = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+
+def test_early_stopping_saves_the_best_held_out_epoch(tmp_path):
+    """The saved model is the epoch with the best held-out r, not the last epoch run (lr ~ 0: weights move only by
+    the callback, so each epoch's weights are known)."""
+    scramble = _Scramble()
+    settings = _settings(epochs=10, early_stop_patience=1, lr=1e-30)
+    run_pretraining(_model(), _objective(), _TinyLeads(), tmp_path, settings, callbacks=[scramble])
+    metrics = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
+    r = metrics.dropna(subset=["val/recon_r"]).groupby("epoch")["val/recon_r"].first()
+    best, last = int(r.idxmax()), int(r.index.max())
+    assert last < 9 and best < last  # it stopped early, after an epoch that did not improve
+    assert torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == best
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.allclose(saved[k].float(), v.float(), atol=1e-20) for k, v in scramble.weights[best].items())
+    assert not all(torch.allclose(saved[k].float(), v.float(), atol=1e-6) for k, v in scramble.weights[last].items())
+
+
 def test_early_stopping_stops_when_held_out_reconstruction_stops_improving(tmp_path):
     """lr 0: the held-out r never improves, so patience 1 stops after the second of ten epochs."""
     model = _model()
