@@ -72,9 +72,9 @@ def _env():
     return env
 
 
-def _run_main(args, timeout=300):
+def _run_main(args):
     return subprocess.run(
-        [sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT
+        [sys.executable, str(MAIN), *args], capture_output=True, text=True, env=_env(), cwd=ROOT
     )
 
 
@@ -131,9 +131,9 @@ def test_invalid_values_fail_early_naming_accepted_values(key, value, accepted):
 
 def test_invalid_stage_and_model_fail_before_any_work(tmp_path):
     out = tmp_path / "never"
-    proc = _run_main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(out), "--stage", "train"], timeout=120)  # any order
+    proc = _run_main(["--cfg", "6L.yaml", "OUTPUT.DIR", str(out), "--stage", "train"])  # any order
     assert proc.returncode == 2 and "prepare" in proc.stderr and "interpret" in proc.stderr
-    proc = _run_main(["--cfg", "6L.yaml", "MODEL.NAME", "gpt", "OUTPUT.DIR", str(out)], timeout=120)
+    proc = _run_main(["--cfg", "6L.yaml", "MODEL.NAME", "gpt", "OUTPUT.DIR", str(out)])
     assert proc.returncode == 2 and "xresnet1d" in proc.stderr
     assert not out.exists()
 
@@ -335,7 +335,7 @@ def test_ddp_pretraining_with_two_cpu_processes_runs_from_the_command_line(tiny_
     ]
     os.environ["MASTER_PORT"] = env_port
     try:
-        proc = _run_main(args, timeout=300)
+        proc = _run_main(args)
     finally:
         os.environ.pop("MASTER_PORT", None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
