@@ -511,6 +511,38 @@ def positive_class(run: RunLayout) -> str:
     }[task.NAME]
 
 
+def class_names(run: RunLayout) -> dict[int, str]:
+    """Names of the label values 0 and 1 for figures and tables (``{0: "no LVH", 1: "LVH"}``), never bare 0/1."""
+    cfg, task = run.cfg, run.cfg.TASK
+    name = task.LABEL or cfg.DATASET.LABEL_COLUMN
+    if name:
+        return {0: f"no {name}", 1: name}
+    mpap, pawp = f"{task.MPAP_COLUMN} {{}} {task.MPAP_THRESHOLD:g}", f"{task.PAWP_COLUMN} {{}} {task.PAWP_THRESHOLD:g}"
+    return {
+        "ph": {0: f"no PH ({mpap.format('<=')})", 1: f"PH ({mpap.format('>')})"},
+        "phenotype": {0: f"pre-capillary PH ({pawp.format('<=')})", 1: f"post-capillary PH ({pawp.format('>')})"},
+        "pawp": {0: f"normal PAWP ({pawp.format('<=')})", 1: f"elevated PAWP ({pawp.format('>')})"},
+    }[task.NAME]
+
+
+def chance_caveat(out_dir: Path) -> str | None:
+    """A caveat for interpretation figures when the run's headline AUROC interval (metrics.json) includes 0.5."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        return "no metrics.json in this run: run --stage evaluate to see whether the model beats chance"
+    headline = json.loads(path.read_text(encoding="utf-8")).get("headline") or {}
+    lo, hi = headline.get("ci95") or (None, None)
+    if lo is None or hi is None:
+        return "the model's AUROC interval is unknown (metrics.json has no headline): it may not beat chance"
+    if lo <= 0.5 <= hi:
+        return (
+            f"Caveat: the model's {headline.get('name', 'AUROC')} is {headline.get('value', float('nan')):.3f} with "
+            f"95% CI {lo:.3f}-{hi:.3f}, which includes 0.5 (chance): these attributions explain a model that is not "
+            "shown to beat chance; do not read them as findings about the ECG."
+        )
+    return None
+
+
 def stage_predict(run: RunLayout) -> pd.DataFrame:
     """Score new WFDB records with the fold models: mean probability over folds, threshold = mean fold threshold.
 

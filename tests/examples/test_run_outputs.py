@@ -107,3 +107,21 @@ def test_compare_help_shows_defaults_and_how_to_point_it_at_data():
                           cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0
     assert "default: outputs/compare" in proc.stdout and "DATASET.FINETUNE_SOURCE" in proc.stdout
+
+
+def test_class_names_and_the_chance_caveat(tmp_path):
+    sys.path.insert(0, str(Path(MAIN).parent))
+    import main as pipeline
+    from layout import RunLayout
+    from stages import chance_caveat, class_names
+
+    run = RunLayout.from_cfg(pipeline.load_cfg(["6L.yaml"], ["TASK.LABEL", "LVH", "OUTPUT.DIR", str(tmp_path)]))
+    assert class_names(run) == {0: "no LVH", 1: "LVH"}
+    ph = RunLayout.from_cfg(pipeline.load_cfg(["6L.yaml"], ["OUTPUT.DIR", str(tmp_path)]))
+    assert class_names(ph) == {0: "no PH (mPAP <= 20)", 1: "PH (mPAP > 20)"}
+    assert "--stage evaluate" in chance_caveat(tmp_path)  # no metrics.json yet
+    head = {"name": "pooled out-of-fold AUROC, subject level", "value": 0.55, "ci95": [0.45, 0.66]}
+    (tmp_path / "metrics.json").write_text(json.dumps({"headline": head}))
+    assert "includes 0.5" in chance_caveat(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"headline": {**head, "ci95": [0.52, 0.7]}}))
+    assert chance_caveat(tmp_path) is None
