@@ -35,6 +35,7 @@ from kale_ext.evaluate.reports import (
     write_predictions_csv,
     write_results_table,
 )
+from kale_ext.evaluate.training_curves import plot_training_curves, read_training_logs
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, label_from_threshold
 from kale_ext.loaddata.label_table import match_labels, read_label_table
 from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
@@ -461,6 +462,9 @@ def stage_evaluate(run: RunLayout) -> dict:
                         extra_lines=lines)  # fmt: skip
     plot_roc(y, p, fold_ids, run.out / "roc.png", title=("[synthetic] " if run.synthetic else "") + title,
              ci95=headline["ci95"])  # fmt: skip
+    logs = read_training_logs(None if run.spec.end_to_end else run.pretrain_dir, run.finetune_dir)
+    plot_training_curves(logs, run.out / "training_curves.png", title=("[synthetic] " if run.synthetic else "")
+                         + f"{title}: training curves")  # fmt: skip
     write_output_readme(run, summary, headline)
     return {**summary, "headline": headline}
 
@@ -477,7 +481,8 @@ def write_output_readme(run: RunLayout, summary: dict, headline: dict | None = N
         "- `config.yaml`: the merged configuration",
         "- `metrics.json`: per-fold metrics and mean/std/bootstrap 95% CI",
         "- `predictions.csv`: out-of-fold probability per subject (`synthetic` column says whether data are generated)",
-        "- `results.md` / `results.csv`: Table-2-style row; `roc.png`: ROC curves per fold and pooled",
+        "- `results.md` / `results.csv`: headline, cohort and Table-2-style row; `roc.png`: ROC curves per fold and "
+        "pooled; `training_curves.png`: pre-training loss terms and gate weights per epoch, fine-tuning loss per fold",
         "- `pretrain/`: pre-trained model (`model.pt`, `model_args.json`), checkpoints, TensorBoard/CSV logs",
         "- `finetune/`: fold models, features, out-of-fold predictions, per-fold logs; `folds.csv`: fold and "
         "threshold per record",

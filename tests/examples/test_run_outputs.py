@@ -73,6 +73,11 @@ def test_the_endpoint_name_is_in_every_title(run):
     assert "task ph" not in (out / "README.md").read_text()
     assert f"## {LABEL}:" in (out / "results.md").read_text()
     assert LABEL in Image.open(out / "roc.png").text["Title"]
+    curves = Image.open(out / "training_curves.png").text
+    assert LABEL in curves["Title"]
+    assert {"pre-training loss per epoch", "gate weights per epoch", "fine-tuning loss per fold"} <= set(
+        curves["Description"].split("\n")
+    )
     assert run["stdout"].strip().splitlines()[-1].startswith(f"{LABEL}, ")
 
 
