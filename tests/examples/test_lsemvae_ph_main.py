@@ -147,7 +147,7 @@ def test_end_to_end_outputs(tiny_run):
     assert len(metrics["folds"]) == 3 and all({"accuracy", "auroc", "mcc"} <= set(f) for f in metrics["folds"])
     for name in ("accuracy", "auroc", "mcc"):
         entry = metrics["summary"][name]
-        assert set(entry) == {"mean", "std", "ci95"} and len(entry["ci95"]) == 2
+        assert set(entry) == {"mean", "std", "ci95", "pooled"} and len(entry["ci95"]) == 2
         assert np.isclose(entry["mean"], np.mean([f[name] for f in metrics["folds"]]))
     labels = pd.read_csv(out / "labels.csv")
     pred = pd.read_csv(out / "predictions.csv")
