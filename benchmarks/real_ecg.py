@@ -644,10 +644,10 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
             ax.set_title(f"heads trained on {trained} features (mean over tasks)", fontsize=8)
             ax.set_xlabel("leads present at test")
         axes[0].set_ylabel("AUROC (pooled OOF)")
-        axes[1].legend(fontsize=6)
+        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: covers no bar
         fig.suptitle(f"{tag}\nbars: per-task 95% bootstrap CIs averaged over tasks; dashed: chance", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "subset_robustness.png", dpi=120)
+        fig.savefig(out / "subset_robustness.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         figures["subset robustness"] = "subset_robustness.png"
     show = [n for n in ("lsemvae", "linear (limb->V)") if n in gen_pred]
