@@ -73,6 +73,10 @@ def setup_logging(run: RunLayout) -> None:
     d = run.cfg.DATASET
     src = f"data: fine-tuning {d.FINETUNE_SOURCE}, labels {d.LABELS_CSV}, pre-training {d.PRETRAIN_SOURCE or '='}"
     logger.info(SYNTHETIC_NOTE if run.synthetic else src)
+    env = stages.environment()
+    logger.info("kale_ext %s, torch %s, %d CPU threads, device %s (CPU results repeat bit for bit at the same "
+                "thread count; set OMP_NUM_THREADS to fix it)", env["code"], env["torch"], env["cpu_threads"],
+                env["device"])  # fmt: skip
 
 
 def run(cfg: CfgNode, stage: str = "all") -> dict | None:

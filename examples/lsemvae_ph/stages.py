@@ -429,6 +429,12 @@ def stage_finetune(run: RunLayout) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    """What CPU results depend on beyond config and seed: same code, torch version and thread count = same bits."""
+    return {"code": kale_ext.__version__, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "device": _device()}  # fmt: skip
+
+
 def stage_evaluate(run: RunLayout) -> dict:
     """Metrics per fold, mean +- std, bootstrap CI; metrics.json, predictions.csv, results.md, results.csv, roc.png."""
     oof_path = run.finetune_dir / "oof.csv"
@@ -445,7 +451,7 @@ def stage_evaluate(run: RunLayout) -> dict:
     write_metrics_json(
         run.out / "metrics.json", synthetic=run.synthetic, task=run.task, method=method, leads=run.leads,
         folds=fold_metrics, summary=summary, n_subjects=int(len(subjects)), headline=headline,
-        positive_class=positive_class(run), **extra,
+        positive_class=positive_class(run), environment=environment(), **extra,
     )  # fmt: skip
     table = predictions_frame(subjects["subject_id"], y, p, fold_ids, thr, record_ids=subjects["record_id"])
     table["synthetic"] = run.synthetic

@@ -68,7 +68,9 @@ def test_headline_auroc_is_the_same_in_console_results_metrics_and_roc_legend(ru
 
 def test_the_endpoint_name_is_in_every_title(run):
     out = run["out"]
-    assert json.loads((out / "metrics.json").read_text())["task"] == LABEL
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == LABEL
+    assert metrics["environment"]["cpu_threads"] == int(_env()["OMP_NUM_THREADS"])  # what reproducibility needs
     assert (out / "README.md").read_text().splitlines()[0].endswith(f"task {LABEL}")
     assert "task ph" not in (out / "README.md").read_text()
     assert f"## {LABEL}:" in (out / "results.md").read_text()
