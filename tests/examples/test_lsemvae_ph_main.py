@@ -356,6 +356,7 @@ def test_comparison_writes_one_table_for_methods_and_lead_settings(tiny_run, tmp
     assert "LS-EMVAE" in md and "ResNet1d" in md and "6L" in md and "12L" in md and "YNTHETIC" in md
     assert "*Unimodal*" in md and "*Multimodal*" in md and "✓" in md and "×" in md
     assert "beta-VAE, 6L: – = one joint 12-channel encoder" in md  # a method that does not apply, with the reason
+    assert "6L pooled AUROC [95% CI]" in md  # each cell's headline beside the fold mean +- std
     table = pd.read_csv(tmp_path / "table2.csv")
     assert len(table) == 10 and set(table["leads"]) == {"6L", "12L"} and table["synthetic"].all()
     assert "ST-MEM" in md and "Random encoder" in md
