@@ -236,8 +236,8 @@ def run_interpret(cfg: CfgNode) -> Path:
         plot_lead_ablation(
             ablation_summary,
             out / "lead_ablation.png",
-            title=f"{task}AUROC drop with the lead masked out (all leads: {full_auroc:.3f}; mean \u00b1 std over "
-            f"folds){tag}",
+            title=f"{task}AUROC drop with the lead masked out (fold AUROC mean with all leads {full_auroc:.3f}; "
+            f"drops mean \u00b1 std over folds){tag}",
             caveat=caveat,
         ),
         plot_wave_attribution(
