@@ -162,7 +162,7 @@ data:
 
 outputs:
   <out>/table2.md, table2.csv (accuracy, AUROC, MCC as fold mean +- std, and each cell's headline: the pooled
-  out-of-fold AUROC with its bootstrap 95% CI), fig2_ablation.png, and one run folder per cell.
+  out-of-fold AUROC with its bootstrap 95%% CI), fig2_ablation.png, and one run folder per cell.
 """
 
 
