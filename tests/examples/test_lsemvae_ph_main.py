@@ -73,9 +73,7 @@ def _env():
 
 
 def _run_main(args):
-    return subprocess.run(
-        [sys.executable, str(MAIN), *args], capture_output=True, text=True, env=_env(), cwd=ROOT
-    )
+    return subprocess.run([sys.executable, str(MAIN), *args], capture_output=True, text=True, env=_env(), cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
