@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,9 @@ from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgre
 logger = logging.getLogger(__name__)
 
 GATE_DIAGNOSTICS_FILE = "gate_diagnostics.csv"
+
+# Base seed of the validation draws (z, sub-ELBO subsets): batch k uses VAL_SEED + k.
+VAL_SEED = 20_251_207
 
 LOADERS = ("auto", "stream", "dataloader")
 
@@ -245,6 +248,9 @@ class PretrainModule(pl.LightningModule):
         fused_optimizer: use the fused AdamW kernel when every parameter is on a GPU.
         diagnostics_dir: folder of ``gate_diagnostics.csv`` (per epoch: mean gate weight per expert and mean
             per-sample gate entropy, for fusions with a learned gate); None = logged only.
+        augment: ``augment(signals (B, L', T), mask (B, L')) -> signals``, applied to the model's INPUT of training
+            batches only (e.g. :class:`kale_ext.prepdata.corruption.LeadCorruption`); the reconstruction target
+            stays the clean batch, so the model learns to explain a corrupted lead by the clean ones. None = off.
     """
 
     def __init__(
@@ -257,8 +263,10 @@ class PretrainModule(pl.LightningModule):
         compile: bool = False,
         fused_optimizer: bool = True,
         diagnostics_dir: str | Path | None = None,
+        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
+        self.augment = augment
         self.fused_optimizer = fused_optimizer
         self.diagnostics_dir = diagnostics_dir
         self._gate_sums = None
@@ -276,7 +284,7 @@ class PretrainModule(pl.LightningModule):
         self.register_buffer(
             "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
         )
-        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir"])
+        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir", "augment"])
 
     def progress(self) -> TrainingProgress:
         """Step, epoch and steps per epoch (1 without a trainer) for the objective's schedules."""
@@ -301,12 +309,13 @@ class PretrainModule(pl.LightningModule):
         full_mask[:, self._slot] = mask
         return target, full_mask
 
-    def compute_losses(self, batch: dict, sample: bool = True) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: dict, sample: bool = True, augment: bool = False) -> dict[str, torch.Tensor]:
         """All loss terms of one batch.
 
         Args:
             batch: ``signals`` (B, L', T) float, ``mask`` (B, L') bool.
             sample: draw z from the fused posterior (training) or use its mean.
+            augment: pass the model's input through ``self.augment`` (the target stays clean).
 
         Returns:
             dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars), ``beta`` and any further terms of the
@@ -315,12 +324,13 @@ class PretrainModule(pl.LightningModule):
         x = batch["signals"].float()
         mask = batch["mask"].bool()
         target, full_mask = self._full_width(x, mask)
-        view = PretrainBatch(x, mask, self.leads, target, full_mask, sample, self._forward)
+        inputs = self.augment(x, mask) if augment and self.augment is not None else x
+        view = PretrainBatch(inputs, mask, self.leads, target, full_mask, sample, self._forward)
         return self.objective(self.model, view, self.progress())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimisation step; logs step values locally and epoch means synchronised across processes."""
-        losses = self.compute_losses(batch, sample=True)
+        losses = self.compute_losses(batch, sample=True, augment=True)
         size = batch["signals"].shape[0]
         self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         for name, value in _scalars(losses).items():
@@ -360,8 +370,16 @@ class PretrainModule(pl.LightningModule):
                     fh.write(f"{self.current_epoch},{name},{value:.6f},{entropy:.6f}\n")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Validation loss with z at the posterior mean; epoch means synchronised across processes."""
-        losses = self.compute_losses(batch, sample=False)
+        """Validation loss as in training (z drawn from the posterior: a one-sample ELBO estimate), clean inputs.
+
+        The draws come from a generator seeded by the batch index inside a forked random state, so the validation
+        estimate is the same at every epoch's model for the same noise and training's random stream is untouched.
+        Epoch means are synchronised across processes.
+        """
+        devices = [batch["signals"].device] if batch["signals"].is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VAL_SEED + batch_idx)
+            losses = self.compute_losses(batch, sample=True)
         size = batch["signals"].shape[0]
         for name, value in _scalars(losses).items():
             self.log(
@@ -489,6 +507,7 @@ def run_pretraining(
     leads: Sequence[str] | None = None,
     callbacks: Sequence[pl.Callback] = (),
     extra_files: dict[str, str] | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PretrainResult:
     """Pre-train ``model`` with ``objective`` on ``dataset`` with Lightning and save a plain state_dict.
 
@@ -507,6 +526,7 @@ def run_pretraining(
         leads: channel names of the dataset items (default ``dataset.leads`` or the model's).
         callbacks: further Lightning callbacks (e.g. diagnostics).
         extra_files: further text files written beside the model (name -> content), e.g. a fingerprint.
+        augment: transform of the training batches' model input (see :class:`PretrainModule`); None = off.
 
     Returns:
         ``PretrainResult``.
@@ -517,7 +537,7 @@ def run_pretraining(
     module = PretrainModule(
         model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile,
         fused_optimizer=settings.fused_optimizer,
-        diagnostics_dir=out_dir,
+        diagnostics_dir=out_dir, augment=augment,
     )  # fmt: skip
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers, settings.loader,
