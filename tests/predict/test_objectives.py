@@ -209,8 +209,22 @@ def test_balance_in_the_objective_output_is_coefficient_times_t_over_two_sigma_s
     torch.testing.assert_close(mean_scale(model, batch, TrainingProgress())["balance"], 0.1 * importance_loss(w, m))
 
 
+class _ShiftedFusion(torch.nn.Module):
+    """The model's fusion with the fused mean moved by +3 and variance x 1/4: far from every listed expert."""
+
+    def __init__(self, fusion):
+        super().__init__()
+        self.inner = fusion
+
+    def forward(self, mean, log_var, mask=None, generator=None):
+        out = self.inner(mean, log_var, mask)
+        return out._replace(mean=out.mean + 3.0, log_var=out.log_var - math.log(4.0))
+
+
 def test_z_is_drawn_from_the_gaussian_whose_kl_is_scored():
+    torch.manual_seed(0)
     model = build_model("lsemvae", LEADS, T, 4).eval()
+    model.fusion = _ShiftedFusion(model.fusion)  # a z drawn around any other Gaussian of the output stands out
     x = torch.randn(1, 3, T).expand(3000, -1, -1).contiguous()  # one record: every row draws its own z
     mask = torch.ones(3000, 3, dtype=torch.bool)
     batch = PretrainBatch(x, mask, LEADS, x, mask, sample=True)
