@@ -264,3 +264,38 @@ def test_a_crafted_checkpoint_never_runs_even_when_torch_is_told_to_unpickle(tmp
     with pytest.raises(pickle.UnpicklingError):
         load_model(tmp_path)
     assert not marker.exists()
+
+
+class _RecordingELBO(ELBOObjective):
+    """The ELBO objective that records what each call saw: input, target, sampling, train/eval mode."""
+
+    def __init__(self):
+        super().__init__(beta=1.0, beta_warmup_epochs=0, gamma=0.1)
+        self.calls = []
+
+    def forward(self, model, batch, progress):
+        self.calls.append((batch.signals.clone(), batch.target.clone(), batch.sample, model.training))
+        return super().forward(model, batch, progress)
+
+
+def test_augmentation_reaches_the_training_input_only_and_validation_samples_z(tmp_path):
+    data = _TinyLeads()
+
+    def flatten_lead0(signals, mask):
+        out = signals.clone()
+        out[:, 0] = 0.0
+        return out
+
+    objective = _RecordingELBO()
+    run_pretraining(_model(), objective, data, tmp_path, _settings(epochs=1), augment=flatten_lead0)
+    train = [c for c in objective.calls if c[3]]
+    val = [c for c in objective.calls if not c[3]]
+    assert train and val
+    for signals, target, sample, _ in train:
+        assert sample and (signals[:, 0] == 0).all() and (target[:, 0] != 0).any()  # corrupted input, clean target
+        torch.testing.assert_close(signals[:, 1:], target[:, 1:])
+    for signals, target, sample, _ in val:
+        assert sample and (signals[:, 0] != 0).any()  # clean input, z drawn (an ELBO estimate, not at the mean)
+        torch.testing.assert_close(signals, target)
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    assert "val/neg_elbo_poe" in metrics and "train/neg_elbo" in metrics
