@@ -42,6 +42,7 @@ from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.pipeline.scoring import score_records
 from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
+from kale_ext.prepdata.corruption import LeadCorruption
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.distributed import global_rank, wait_for
 from kale_ext.utils.files import file_digest
@@ -266,8 +267,15 @@ def make_objective(run: RunLayout):
         name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, recon_reduction=p.RECON,
         sigma=p.SIGMA, gate_importance=p.GATE_IMPORTANCE, gate_balance_kl=p.GATE_BALANCE_KL,
         subset_terms=p.SUBSET_TERMS, subset_weight=p.SUBSET_WEIGHT, capacity_gamma=p.CAPACITY_GAMMA,
-        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS,
+        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS, learn_sigma=p.LEARN_SIGMA,
+        num_leads=len(run.pretrain_leads), sigma_min=p.SIGMA_MIN, sigma_max=p.SIGMA_MAX,
     )  # fmt: skip
+
+
+def make_augment(run: RunLayout) -> LeadCorruption | None:
+    """The corruption augmentation of the training batches (PRETRAIN.CORRUPT_PROB > 0), else None."""
+    p = run.cfg.PRETRAIN
+    return LeadCorruption(p.CORRUPT_PROB, list(p.CORRUPT_KINDS)) if p.CORRUPT_PROB > 0 else None
 
 
 def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
@@ -304,7 +312,7 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
     logger.info("pre-training %s (%d parameters) on %d records", args["name"], model.num_parameters(), len(dataset))
     result = run_pretraining(
         model, make_objective(run), dataset, run.pretrain_dir, pretrain_settings(run), build_args=args,
-        leads=run.pretrain_leads, callbacks=list(callbacks),
+        leads=run.pretrain_leads, callbacks=list(callbacks), augment=make_augment(run),
     )  # fmt: skip
     return result.is_global_zero
 
