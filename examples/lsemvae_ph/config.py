@@ -12,6 +12,7 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from kale_ext.embed.conv_ops import CONV_IMPLS
+from kale_ext.embed.st_mem import ST_MEM_PRESETS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.leads import resolve_leads
 from kale_ext.predict.heads import FEATURE_MODES
@@ -144,10 +145,12 @@ _C.MODEL.BASELINE_WIDTHS = []
 _C.MODEL.CONV_IMPL = "auto"
 # random_encoder: the registry model whose architecture is frozen at its seeded initialisation (no pre-training).
 _C.MODEL.RANDOM_ARCHITECTURE = "lsemvae"
-# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks) or "small" (CPU runs).
+# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks), "small" (CPU runs) or
+# "published" ("paper" with the published sin-cos positions, normalised patch embedding, 7 of 30 patches kept and
+# mean-then-LayerNorm features; docs/models.md lists the departures of the other two).
 _C.MODEL.STMEM_PRESET = "paper"
 # ST-MEM patch length in samples; 0 = the divisor of DATASET.INPUT_LENGTH giving the published 30 patches per lead
-# most closely (75 at 2250 samples).
+# most closely (30 x 75 at 2250 samples; 25 x 200 at 5000 and 25 x 20 at 500, where 30 does not divide the length).
 _C.MODEL.STMEM_PATCH_SIZE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ ACCEPTED = {
     "MODEL.NAME": tuple(MODELS),
     "MODEL.CONV_IMPL": CONV_IMPLS,
     "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
-    "MODEL.STMEM_PRESET": ("paper", "small"),
+    "MODEL.STMEM_PRESET": tuple(ST_MEM_PRESETS),
     "TASK.NAME": ("ph", "phenotype", "pawp"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "PRETRAIN.LOADER": ("auto", "stream", "dataloader"),
