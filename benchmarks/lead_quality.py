@@ -9,7 +9,10 @@ inversion; the lead drawn with a fixed seed) and the gate weights are read in ev
   weight (the issue's target: >= 0.8 with the augmentation);
 - ``median_ratio``: median of corrupted / clean weight of that lead;
 - ``poe_clean`` / ``poe_corrupted``: mean weight of the shared PoE expert;
-- a figure (``lead_quality.png``, when matplotlib is installed): mean weight per lead, clean vs one lead corrupted.
+- a figure (``lead_quality.png``, when matplotlib is installed): mean weight per lead, clean vs one lead corrupted;
+- ``six_lead``: how far the fused mean from the 6 limb leads is from the 12-lead one (share of the between-record
+  variance, centred cosine), for every arm, including a third one pre-trained with lead dropout and no corruption
+  (``--lead-dropout``, 0 = no third arm).
 
 Data: LUDB (+ CinC-2021, label-free) under ``../shared/data/ecg`` at a CPU preset (100 Hz x 10 s); ``--small`` uses
 smooth synthetic 12-lead signals instead (a test run, seconds). Windowed pre-training (issue 17) is not used here.
@@ -85,10 +88,12 @@ def real(data: Path, out: Path, fs: float) -> tuple[np.ndarray, np.ndarray]:
     return batch["signals"].numpy(), batch["mask"].numpy().astype(bool)
 
 
-def pretrain(train: _Signals, length: int, latent: int, epochs: int, corrupt: float, out: Path, seed: int):
-    """LS-EMVAE pre-trained with the library's ELBO defaults, with or without the corruption augmentation."""
+def pretrain(
+    train: _Signals, length: int, latent: int, epochs: int, corrupt: float, out: Path, seed: int, dropout: float = 0.0
+):
+    """LS-EMVAE pre-trained with the library's ELBO defaults, with or without corruption augmentation, lead dropout."""
     torch.manual_seed(seed)
-    model = build_model("lsemvae", CANONICAL_LEADS, length, latent)
+    model = build_model("lsemvae", CANONICAL_LEADS, length, latent, lead_dropout=dropout)
     settings = PretrainSettings(epochs=epochs, batch_size=32, lr=1e-3, val_fraction=0.0, seed=seed, accelerator="cpu",
                                 progress_bar=False, resume=False, log_every_n_steps=1)  # fmt: skip
     augment = LeadCorruption(corrupt, generator=None) if corrupt > 0 else None
@@ -120,11 +125,30 @@ def gate_response(model, x: torch.Tensor, mask: torch.Tensor, seed: int) -> dict
     only_ii = torch.zeros_like(mask)
     only_ii[:, 1] = mask[:, 1]  # lead II noisy in every record, for the figure
     noisy = corrupt_leads(x, only_ii, prob=1.0, kinds=["noise"], generator=torch.Generator().manual_seed(seed)).signals
+    result["six_lead"] = six_lead_shift(model, x, mask)
     result["_figure"] = {
         "clean": clean.mean(1).tolist(),
         "lead II noisy": model(noisy, mask=mask, sample=False).fusion.weights.mean(1).tolist(),
     }
     return result
+
+
+@torch.no_grad()
+def six_lead_shift(model, x: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the fused mean from the 6 limb leads is from the 12-lead one, on the same records.
+
+    ``shift``: mean squared distance over the total variance of the 12-lead means across records (0 = the same
+    posterior mean); ``centred_cosine``: mean cosine of the two means after removing each one's mean over records.
+    """
+    limb = torch.zeros_like(mask)
+    limb[:, :6] = mask[:, :6]  # I, II, III, aVR, aVL, aVF come first in CANONICAL_LEADS
+    mu12 = model(x, mask=mask, sample=False).fusion.mean
+    mu6 = model(x, mask=limb, sample=False).fusion.mean
+    variance = (mu12 - mu12.mean(0)).square().sum(1).mean().clamp_min(1e-12)
+    shift = (mu6 - mu12).square().sum(1).mean() / variance
+    a, b = mu12 - mu12.mean(0), mu6 - mu6.mean(0)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1).mean()
+    return {"shift": float(shift), "centred_cosine": float(cosine)}
 
 
 def figure(results: dict, path: Path) -> bool:
@@ -161,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--corrupt-prob", type=float, default=0.5, help="augmentation probability of the second arm")
+    p.add_argument("--lead-dropout", type=float, default=0.5, help="lead dropout of a third arm (0 = no third arm)")
     p.add_argument("--held-out", type=float, default=0.3, help="share of subjects held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="synthetic records, 1 epoch (a test run)")
@@ -193,8 +218,12 @@ def main(argv=None) -> int:
     train = _Signals(x[train_idx], mask[train_idx], subjects[train_idx])
     xt, mt = torch.as_tensor(x[test_idx]).float(), torch.as_tensor(mask[test_idx]).bool()
     results = {}
-    for arm, prob in (("without corruption", 0.0), (f"with corruption p={args.corrupt_prob:g}", args.corrupt_prob)):
-        model = pretrain(train, length, latent, epochs, prob, args.out / f"model_p{prob:g}", args.seed)
+    arms = [("without corruption", 0.0, 0.0), (f"with corruption p={args.corrupt_prob:g}", args.corrupt_prob, 0.0)]
+    if args.lead_dropout > 0:
+        arms.append((f"lead dropout {args.lead_dropout:g}, no corruption", 0.0, args.lead_dropout))
+    for arm, prob, dropout in arms:
+        out = args.out / f"model_p{prob:g}_d{dropout:g}"
+        model = pretrain(train, length, latent, epochs, prob, out, args.seed, dropout)
         results[arm] = gate_response(model, xt, mt, args.seed + 100)
     drew = figure(results, args.out / "lead_quality.png")
     summary = {"source": source, "held_out_records": len(test_idx), "epochs": epochs, "results": results,
@@ -210,6 +239,9 @@ def main(argv=None) -> int:
             cells = [arm, kind, f"{r['share_below_third']:.2f}", f"{r['median_ratio']:.2f}", f"{r['weight_clean']:.3f}",
                      f"{r['weight_corrupted']:.3f}", f"{r['poe_clean']:.3f}", f"{r['poe_corrupted']:.3f}"]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
+    print("\n| arm | 6-lead vs 12-lead fused mean: shift (share of variance) | centred cosine |\n| --- | --- | --- |")
+    for arm, res in results.items():
+        print(f"| {arm} | {res['six_lead']['shift']:.3f} | {res['six_lead']['centred_cosine']:.3f} |")
     return 0
 
 
