@@ -26,11 +26,18 @@ like (eager against eager, compiled against compiled), and the useful-FLOP utili
 (FLOPs of one step counted by ``torch.utils.flop_counter``, so zeros multiplied by the block-diagonal form are not
 counted as useful only when ``--useful-flops-from`` names the variant whose count is the useful work).
 
+``--window W`` times every variant twice in the same process: on whole records (samples/s) and on a fresh random
+window of ``W`` samples per record and step (windows/s; ``kale_ext.loaddata.windows.random_crop``, on the device,
+timed with the step; the models are built for length ``W``), as windowed pre-training does. Each result carries
+``input`` (record or window), ``length``, ``samples_per_s``, ``windows_per_s`` (one window per sample and step)
+and ``timepoints_per_s``; ratios against the loop are taken on the same input.
+
 Usage::
 
     python benchmarks/pretrain_throughput.py                     # paper size, batch 1024, default variants
     python benchmarks/pretrain_throughput.py --compile            # torch.compile every model
     python benchmarks/pretrain_throughput.py --small              # tiny size on the CPU (used by the tests)
+    python benchmarks/pretrain_throughput.py --window 2500        # whole records and 2500-sample windows
     python benchmarks/pretrain_throughput.py --end-to-end cache/ --make-cache 16384 --variants loop,lsemvae:triton
 """
 
@@ -50,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kale_ext.embed.fusion import HierarchicalModalityExperts  # noqa: E402
 from kale_ext.embed.lsemvae import LSEMVAE  # noqa: E402
 from kale_ext.embed.signal_cnn import SharedLeadDecoder  # noqa: E402
+from kale_ext.loaddata.windows import check_window, random_crop  # noqa: E402
 from kale_ext.predict.losses import alignment_loss, multimodal_elbo  # noqa: E402
 
 
@@ -95,6 +103,12 @@ def build(variant: str, leads: int, input_dim: int, latent_dim: int) -> nn.Modul
     kind, _, impl = variant.partition(":")
     names = [f"L{i}" for i in range(leads)]
     if kind == "loop":
+        if input_dim % 8:
+            raise ValueError(
+                f"the loop uses PyKale's SignalVAEEncoder, which needs a length that is a multiple of 8 (got "
+                f"{input_dim}); use --window {input_dim - input_dim % 8 or 8} "
+                f"or --input-dim {input_dim + 8 - input_dim % 8}"
+            )
         return PerLeadLoopVAE(leads, input_dim, latent_dim)
     if kind == "lsemvae":
         return _LSEMVAEStep(LSEMVAE(names, input_dim, latent_dim, conv_impl=impl or "conv"))
@@ -103,11 +117,16 @@ def build(variant: str, leads: int, input_dim: int, latent_dim: int) -> nn.Modul
     raise SystemExit(f"unknown variant {variant!r}; use loop, lsemvae:conv, lsemvae:matmul, identical:conv, ...")
 
 
-def run_variant(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """Time ``args.steps`` training steps of one variant after ``args.warmup`` untimed ones."""
+def run_variant(variant: str, args: argparse.Namespace, device: torch.device, window: int = 0) -> dict:
+    """Time ``args.steps`` training steps of one variant after ``args.warmup`` untimed ones.
+
+    With ``window`` > 0 the model is built for that length and every step trains on a fresh random window of each
+    record (``kale_ext.loaddata.windows.random_crop``, timed with the step), as windowed pre-training does.
+    """
     torch.manual_seed(0)
+    length = check_window(window, args.input_dim)
     with torch.device(device):
-        model = build(variant, args.leads, args.input_dim, args.latent_dim)
+        model = build(variant, args.leads, length, args.latent_dim)
     params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if args.compile else model
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -116,9 +135,10 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
 
     def step() -> torch.Tensor:
         optimiser.zero_grad(set_to_none=True)
+        xw = random_crop(x, length)  # x itself for whole records
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            recon, fused = step_model(x)
-        terms = multimodal_elbo(recon, x, fused.mean, fused.log_var, beta=1.0)
+            recon, fused = step_model(xw)
+        terms = multimodal_elbo(recon, xw, fused.mean, fused.log_var, beta=1.0)
         loss = terms.total + alignment_loss(fused.expert_mean, fused.mean, fused.expert_mask)
         loss.backward()
         optimiser.step()
@@ -140,7 +160,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: torch.device) ->
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {
         "variant": variant,
-        "samples_per_s": args.batch * args.steps / elapsed,
+        **_input_fields(args, length, args.batch * args.steps / elapsed),
         "step_ms": 1000 * elapsed / args.steps,
         "peak_gib": peak,
         "parameters": params,
@@ -161,8 +181,28 @@ def _flops_per_sample(step, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """The pipeline's training step from a cache, loader included, repeated ``args.repeats`` times."""
+def _input_fields(args: argparse.Namespace, length: int, samples_per_s: float) -> dict:
+    """Rate fields of a result: records (or windows) per second and the input they were measured on.
+
+    A sample is one record drawn into a batch; a window is what the model sees of it (the whole record, or one
+    random crop per record and step). ``timepoints_per_s`` (samples/s x length) compares whole records and windows.
+    """
+    windowed = length < args.input_dim
+    return {
+        "input": "window" if windowed else "record",
+        "length": length,
+        "samples_per_s": samples_per_s,
+        "windows_per_s": samples_per_s,  # one window (a crop, or the whole record) per sample and step
+        "timepoints_per_s": samples_per_s * length,
+    }
+
+
+def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device, window: int = 0) -> dict:
+    """The pipeline's training step from a cache, loader included, repeated ``args.repeats`` times.
+
+    With ``window`` > 0 each batch (whole records from the loader, resident on the GPU when they fit) is cropped to
+    a fresh random window per record on the device before the step (timed with it).
+    """
     import numpy as np
 
     from kale_ext.loaddata.batch_stream import BatchStream
@@ -173,14 +213,15 @@ def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device)
     leads = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")[: args.leads]
     dataset = ECGLeadDataset(args.end_to_end, leads=leads)
     args.input_dim = dataset.num_samples if hasattr(dataset, "num_samples") else args.input_dim
+    length = check_window(window, args.input_dim)
     torch.manual_seed(0)
     kind, _, impl = variant.partition(":")
     with torch.device(device):
         if kind == "loop":
-            model = build(variant, args.leads, args.input_dim, args.latent_dim)
+            model = build(variant, args.leads, length, args.latent_dim)
         elif kind in ("lsemvae", "identical"):
             mode = "identical" if kind == "identical" else "lead"
-            model = LSEMVAE(leads, args.input_dim, args.latent_dim, decoder_mode=mode, conv_impl=impl or "auto")
+            model = LSEMVAE(leads, length, args.latent_dim, decoder_mode=mode, conv_impl=impl or "auto")
         else:
             raise SystemExit(f"unknown variant {variant!r}; use loop, lsemvae:<impl>, identical:<impl>")
     loop = isinstance(model, PerLeadLoopVAE)
@@ -197,6 +238,8 @@ def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device)
 
     def step(batch) -> torch.Tensor:
         optimiser.zero_grad(set_to_none=True)
+        if length < args.input_dim:
+            batch = {**batch, "signals": random_crop(batch["signals"], length)}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
             if loop:
                 x = batch["signals"].float()
@@ -231,7 +274,7 @@ def run_end_to_end(variant: str, args: argparse.Namespace, device: torch.device)
     rates_sorted = sorted(rates)
     return {
         "variant": variant,
-        "samples_per_s": rates_sorted[len(rates) // 2],
+        **_input_fields(args, length, rates_sorted[len(rates) // 2]),
         "spread": [rates_sorted[0], rates_sorted[-1]],
         "repeats": rates,
         "warmup_s": warmup_s,
@@ -293,7 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200: 989)")
     parser.add_argument("--useful-flops-from", default="lsemvae:conv", help="variant whose FLOPs are the useful work")
     parser.add_argument("--leads", type=int, default=12)
-    parser.add_argument("--input-dim", type=int, default=5000)
+    parser.add_argument("--input-dim", type=int, default=5000, help="samples per lead of the records")
+    parser.add_argument("--window", type=int, default=0,
+                        help="also time every variant on a fresh random window of this many samples per record and "
+                        "step (windowed pre-training); 0 = whole records only")  # fmt: skip
     parser.add_argument("--latent-dim", type=int, default=256)
     parser.add_argument(
         "--variants",
@@ -328,39 +374,54 @@ def main(argv: list[str] | None = None) -> dict:
     args.repeats = max(int(args.repeats), 1)
     runner = run_end_to_end if args.end_to_end is not None else run_variant
     results = []
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        try:
-            res = runner(variant, args, device)
-        except Exception as error:  # one failing variant (e.g. a compiler bug) must not lose the others' figures
-            print(f"{variant:>16}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
-            results.append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:500]})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        results.append(res)
-        if "spread" in res:
-            lo, hi = res["spread"]
-            print(
-                f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s median of {args.repeats} "
-                f"(spread {lo:.1f}-{hi:.1f}); warm-up/compile {res['warmup_s']:.1f} s; cache {res['cache_dtype']}, "
-                f"resident={res['resident']}; params {res['parameters']:,}",
-                flush=True,
-            )
-        else:
-            print(
-                f"{variant:>16}: {res['samples_per_s']:10.1f} samples/s  {res['step_ms']:9.2f} ms/step  "
-                f"peak {'-' if res['peak_gib'] is None else format(res['peak_gib'], '.2f')} GiB  "
-                f"params {res['parameters']:,}",
-                flush=True,
-            )
-    base = next((r for r in results if r["variant"] == "loop" and "error" not in r), None)
-    if base is not None:
-        for res in (r for r in results if "error" not in r):
+    windows = [0] + ([args.window] if args.window and args.window < args.input_dim else [])
+    for window in windows:
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            label = f"{variant}@{window}" if window else variant
+            try:
+                res = runner(variant, args, device, window)
+            except Exception as error:  # one failing variant (e.g. a compiler bug) must not lose the others' figures
+                print(f"{label:>16}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+                results.append({"variant": variant, "input": "window" if window else "record",
+                                "error": f"{type(error).__name__}: {error}"[:500]})  # fmt: skip
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            results.append(res)
+            if window:
+                per_s = res["samples_per_s"]
+                rate = f"{res['windows_per_s']:10.1f} windows/s (windows of {window}, {per_s:.1f} samples/s)"
+            else:
+                rate = f"{res['samples_per_s']:10.1f} samples/s (records of {res['length']} = windows/s)"
+            if "spread" in res:
+                lo, hi = res["spread"]
+                print(
+                    f"{label:>16}: {rate} median of {args.repeats} (spread {lo:.1f}-{hi:.1f}); warm-up/compile "
+                    f"{res['warmup_s']:.1f} s; cache {res['cache_dtype']}, resident={res['resident']}; "
+                    f"params {res['parameters']:,}",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"{label:>16}: {rate}  {res['step_ms']:9.2f} ms/step  "
+                    f"peak {'-' if res['peak_gib'] is None else format(res['peak_gib'], '.2f')} GiB  "
+                    f"params {res['parameters']:,}",
+                    flush=True,
+                )
+    for kind in ("record", "window"):  # ratios like for like: the loop on the same input
+        rows = [r for r in results if r.get("input") == kind and "error" not in r]
+        base = next((r for r in rows if r["variant"] == "loop"), None)
+        for res in rows if base is not None else []:
             res["ratio_vs_loop"] = res["samples_per_s"] / base["samples_per_s"]
             if res is not base:
-                print(f"ratio {res['variant']} / loop = {res['ratio_vs_loop']:.2f}x", flush=True)
-    useful = next((r.get("flops_per_sample") for r in results if r["variant"] == args.useful_flops_from), None)
+                suffix = f" (windows of {res['length']})" if kind == "window" else ""
+                print(f"ratio {res['variant']} / loop = {res['ratio_vs_loop']:.2f}x{suffix}", flush=True)
     for res in (r for r in results if "error" not in r and r.get("flops_per_sample")):
+        useful = next(
+            (r.get("flops_per_sample") for r in results
+             if r["variant"] == args.useful_flops_from and r.get("input") == res["input"]),
+            None,
+        )  # fmt: skip
         work = useful or res["flops_per_sample"]
         res["useful_tflops"] = res["samples_per_s"] * work / 1e12
         res["utilisation"] = res["useful_tflops"] / args.peak_tflops
@@ -373,7 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "compiled" if args.compile else "eager"
     print(f"all ratios above are {mode} against {mode} (one process, same data path)", flush=True)
     summary = {"device": str(device), "torch": torch.__version__, "batch": args.batch, "compile": args.compile,
-               "end_to_end": str(args.end_to_end) if args.end_to_end else None, "results": results}  # fmt: skip
+               "end_to_end": str(args.end_to_end) if args.end_to_end else None, "input_dim": args.input_dim,
+               "window": windows[-1], "results": results}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -1,6 +1,7 @@
 """Fused Triton kernels (kale_ext.embed.conv_triton) against the torch paths they replace: time and agreement.
 
-For each batch size and dtype, times forward + backward of
+For each length (``--input-dim``: whole records and pre-training windows of any length), batch size and dtype,
+times forward + backward of
 
 - the lead encoders' conv stack: ``encoder_conv_stack`` vs ``LeadwiseSignalVAEEncoder._features_conv`` (grouped
   Conv1d) and ``_features_blockdiag`` (what ``conv_impl="auto"`` picks on CUDA today);
@@ -16,6 +17,7 @@ gradients against the grouped torch path, and a final JSON line. Exit status 1 w
 Usage::
 
     python benchmarks/triton_kernels.py                  # paper size: 12 leads, T 5000, batch 256 and 1024
+    python benchmarks/triton_kernels.py --input-dim 5000,2500,1000  # whole records and two window lengths
     python benchmarks/triton_kernels.py --small          # CPU, Triton interpreter, tiny sizes, float64 check
     python benchmarks/triton_kernels.py --compile-check  # no GPU needed: compile every kernel for sm_90 (ptxas)
 
@@ -25,6 +27,7 @@ the registers and spill bytes ptxas reports per kernel, for the tile widths and 
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="256,1024", help="comma list of batch sizes")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32, bf16 (autocast)")
     parser.add_argument("--leads", type=int, default=12)
-    parser.add_argument("--input-dim", type=int, default=5000)
+    parser.add_argument("--input-dim", default="5000",
+                        help="comma list of samples per lead: whole records and/or pre-training windows, any length "
+                        "(e.g. 5000,2500,1000)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported), at least 3")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return compile_check(args.only)
     args.repeats = max(3, args.repeats)
     if args.small:
-        args.batch, args.leads, args.input_dim, args.dtypes = "2", 2, 100, "fp64"
+        args.batch, args.leads, args.dtypes = "2", 2, "fp64"
+        args.input_dim = "100" if args.input_dim == "5000" else args.input_dim  # keep lengths given explicitly
         args.warmup, args.repeats, args.device = 0, 3, "cpu"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,57 +299,59 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results, failed = [], False
-    for batch in [int(b) for b in args.batch.split(",")]:
-        for name in args.dtypes.split(","):
-            autocast = name == "bf16"
-            dtype = torch.float64 if name == "fp64" else torch.float32
-            tol = TOLERANCE[name]
-            cases = [
-                ("encoder", EncoderCase(batch, args.leads, args.input_dim, device, dtype), None),
-                ("decoder_tail", DecoderCase(batch, args.leads, args.input_dim, device, dtype), "tail"),
-                ("decoder_tail_sse", DecoderCase(batch, args.leads, args.input_dim, device, dtype), "sse"),
-            ]
-            for kernel, case, loss in cases:
+    lengths = [int(t) for t in str(args.input_dim).split(",")]
+    for length, batch, name in itertools.product(
+        lengths, [int(b) for b in args.batch.split(",")], args.dtypes.split(",")
+    ):
+        autocast = name == "bf16"
+        dtype = torch.float64 if name == "fp64" else torch.float32
+        tol = TOLERANCE[name]
+        cases = [
+            ("encoder", EncoderCase(batch, args.leads, length, device, dtype), None),
+            ("decoder_tail", DecoderCase(batch, args.leads, length, device, dtype), "tail"),
+            ("decoder_tail_sse", DecoderCase(batch, args.leads, length, device, dtype), "sse"),
+        ]
+        for kernel, case, loss in cases:
 
-                def step(impl, case=case, loss=loss, autocast=autocast):
-                    return case.run(impl, autocast) if loss is None else case.run(impl, autocast, loss)
+            def step(impl, case=case, loss=loss, autocast=autocast):
+                return case.run(impl, autocast) if loss is None else case.run(impl, autocast, loss)
 
-                if dtype == torch.float64:  # the kernels run in fp32: check them against the float64 reference
-                    reference = with_grads(case, step, "conv")
-                    for p in case.params:
-                        p.data = p.data.float()
-                else:
-                    reference = with_grads(case, step, "conv")
-                err_ref = compare(reference, with_grads(case, step, "triton"))
-                row = {"kernel": kernel, "batch": batch, "dtype": name, "max_rel_err": err_ref, "tol": tol}
-                for impl in ("conv", "blockdiag", "triton"):
-                    try:
-                        ms, peak = timed(lambda impl=impl, step=step: step(impl), device, args.repeats, args.warmup)
-                    except RuntimeError as error:  # e.g. out of memory: report, keep going
-                        print(f"{kernel} {impl} batch={batch} {name}: FAILED {str(error).splitlines()[0][:160]}")
-                        ms, peak = float("nan"), None
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    row[f"{impl}_ms"], row[f"{impl}_peak_gib"] = ms, peak
-                for impl in ("conv", "blockdiag"):
-                    row[f"ratio_{impl}_over_triton"] = row[f"{impl}_ms"] / row["triton_ms"]
-                ok = err_ref <= tol
-                failed |= not ok
-                peaks = " ".join(
-                    f"{i}={row[f'{i}_peak_gib']:.2f}" for i in ("conv", "blockdiag", "triton") if row[f"{i}_peak_gib"]
-                )
-                print(
-                    f"{kernel:>16} batch={batch:5d} {name}: conv {row['conv_ms']:9.2f} ms  blockdiag "
-                    f"{row['blockdiag_ms']:9.2f} ms  triton {row['triton_ms']:9.2f} ms  conv/triton "
-                    f"{row['ratio_conv_over_triton']:5.2f}x  "
-                    f"blockdiag/triton {row['ratio_blockdiag_over_triton']:5.2f}x"
-                    f"  max rel err {err_ref:.2e} ({'ok' if ok else 'MISMATCH'}, tol {tol:g})"
-                    + (f"  peak GiB {peaks}" if peaks else ""),
-                    flush=True,
-                )
-                results.append(row)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if dtype == torch.float64:  # the kernels run in fp32: check them against the float64 reference
+                reference = with_grads(case, step, "conv")
+                for p in case.params:
+                    p.data = p.data.float()
+            else:
+                reference = with_grads(case, step, "conv")
+            err_ref = compare(reference, with_grads(case, step, "triton"))
+            row = {"kernel": kernel, "T": length, "batch": batch, "dtype": name, "max_rel_err": err_ref, "tol": tol}
+            for impl in ("conv", "blockdiag", "triton"):
+                try:
+                    ms, peak = timed(lambda impl=impl, step=step: step(impl), device, args.repeats, args.warmup)
+                except RuntimeError as error:  # e.g. out of memory: report, keep going
+                    print(f"{kernel} {impl} batch={batch} {name}: FAILED {str(error).splitlines()[0][:160]}")
+                    ms, peak = float("nan"), None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                row[f"{impl}_ms"], row[f"{impl}_peak_gib"] = ms, peak
+            for impl in ("conv", "blockdiag"):
+                row[f"ratio_{impl}_over_triton"] = row[f"{impl}_ms"] / row["triton_ms"]
+            ok = err_ref <= tol
+            failed |= not ok
+            peaks = " ".join(
+                f"{i}={row[f'{i}_peak_gib']:.2f}" for i in ("conv", "blockdiag", "triton") if row[f"{i}_peak_gib"]
+            )
+            print(
+                f"{kernel:>16} T={length:5d} batch={batch:5d} {name}: conv {row['conv_ms']:9.2f} ms  blockdiag "
+                f"{row['blockdiag_ms']:9.2f} ms  triton {row['triton_ms']:9.2f} ms  conv/triton "
+                f"{row['ratio_conv_over_triton']:5.2f}x  "
+                f"blockdiag/triton {row['ratio_blockdiag_over_triton']:5.2f}x"
+                f"  max rel err {err_ref:.2e} ({'ok' if ok else 'MISMATCH'}, tol {tol:g})"
+                + (f"  peak GiB {peaks}" if peaks else ""),
+                flush=True,
+            )
+            results.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(json.dumps({"device": str(device), "results": results, "ok": not failed}), flush=True)
     return 1 if failed else 0
 

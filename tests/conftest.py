@@ -36,3 +36,15 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_kernel_verdicts(tmp_path_factory):
+    """Keep the Triton self-check verdicts of the tests (kale_ext.embed.kernel_check) out of the user's cache."""
+    old = os.environ.get("KALE_EXT_CACHE_DIR")
+    os.environ["KALE_EXT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel_verdicts"))
+    yield
+    if old is None:
+        os.environ.pop("KALE_EXT_CACHE_DIR", None)
+    else:
+        os.environ["KALE_EXT_CACHE_DIR"] = old

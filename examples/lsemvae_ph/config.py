@@ -140,8 +140,10 @@ _C.MODEL.GATE_TOP_K = 0
 _C.MODEL.USE_PRIOR = True
 # Channel widths of the four stages of resnet1d / xresnet1d; empty = the published (64, 128, 256, 512).
 _C.MODEL.BASELINE_WIDTHS = []
-# How the small per-lead convolutions run (same maths and state dict): "auto" (block-diagonal dense kernels on CUDA,
-# grouped kernels elsewhere), "conv", "conv2d", "matmul" or "blockdiag" (kale_ext.embed.conv_ops).
+# How the small per-lead convolutions run (same maths and state dict; kale_ext.embed.conv_ops): "auto" (on CUDA the
+# fused Triton kernels once their self-check passed on that card, else "blockdiag"; "conv" elsewhere; the
+# environment variable KALE_EXT_CONV_IMPL overrides it), "triton" (forces the fused kernels, no check), or a torch
+# path forced: "blockdiag" (block-diagonal dense kernels), "conv" (grouped), "conv2d" or "matmul".
 _C.MODEL.CONV_IMPL = "auto"
 # random_encoder: the registry model whose architecture is frozen at its seeded initialisation (no pre-training).
 _C.MODEL.RANDOM_ARCHITECTURE = "lsemvae"

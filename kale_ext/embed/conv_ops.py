@@ -6,7 +6,8 @@ dense channels-last ``Conv2d`` with block-diagonal weights (``"blockdiag"``: the
 cuDNN's dense tensor-core kernels replace its grouped ones) or fused Triton kernels (``"triton"``,
 :mod:`kale_ext.embed.conv_triton`: the encoder's three convolutions of every lead in one kernel, and the decoder's
 last two transposed convolutions, each recomputing its activations on chip in the backward pass). ``"auto"`` picks
-per device (``resolve_conv_impl``).
+per device (``resolve_conv_impl``), using the fused kernels only where their self-check passed
+(:mod:`kale_ext.embed.kernel_check`).
 Every strategy shares the parameters and the state dict; ``tests/embed/test_signal_cnn.py`` checks they agree.
 The strategy is chosen by ``MODEL.CONV_IMPL`` in the example's configuration.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kale_ext.embed.conv_triton import triton_available
+from kale_ext.embed.kernel_check import forced_conv_impl, triton_verified
 
 CONV_IMPLS = ("auto", "conv", "conv2d", "matmul", "blockdiag", "triton")
 
@@ -50,10 +52,13 @@ def uniform_init_(tensor: Tensor, fan_in: int) -> Tensor:
 def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
     """The implementation that ``conv_impl`` stands for on ``device``.
 
-    ``"auto"`` is ``"triton"`` on CUDA when Triton is installed (fused kernels, :mod:`kale_ext.embed.conv_triton`),
-    else ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x the grouped form uncompiled and 2.2x with
-    ``torch.compile`` on an H200, see docs/models.md) and ``"conv"`` elsewhere (grouped kernels are the fastest on
-    CPU). Every other value stands for itself. All implementations share the parameters and the maths.
+    ``"auto"`` is ``"triton"`` on CUDA when Triton is installed and the fused kernels passed their self-check on this
+    device and these versions (:func:`kale_ext.embed.kernel_check.triton_verified`: run once, cached in memory and
+    on disk; a failure logs one warning naming why), else ``"blockdiag"`` on CUDA (dense tensor-core kernels: 1.5x
+    the grouped form uncompiled and 2.2x with ``torch.compile`` on an H200, see docs/models.md) and ``"conv"``
+    elsewhere (grouped kernels are the fastest on CPU). The environment variable ``KALE_EXT_CONV_IMPL`` (a concrete
+    name) overrides what ``"auto"`` stands for. Every other value stands for itself: ``"triton"`` forces the kernels
+    without the check. All implementations share the parameters and the maths.
 
     Args:
         conv_impl: one of ``CONV_IMPLS``.
@@ -64,8 +69,11 @@ def resolve_conv_impl(conv_impl: str, device: torch.device) -> str:
     """
     if conv_impl != "auto":
         return conv_impl
+    forced = forced_conv_impl()
+    if forced is not None:
+        return forced
     if device.type == "cuda":
-        return "triton" if triton_available() else "blockdiag"
+        return "triton" if triton_available() and triton_verified(device) else "blockdiag"
     return "conv"
 
 

@@ -377,3 +377,58 @@ def test_compiled_encoder_and_decoder_have_no_graph_break_at_the_kernels():
 
     explained = torch._dynamo.explain(step)(torch.randn(2, 2, 37, device=DEVICE))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+WINDOWS = [1, 9, 75, 130]  # not multiples of the strides (8) or of the tile widths (16, 64)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_random_windows_through_the_fused_modules_match_torch(window):
+    """Windowed pre-training: a random crop of any length runs through conv_impl="triton" as through "conv"."""
+    from kale_ext.loaddata.windows import random_crop
+
+    gen = torch.Generator().manual_seed(window)
+    records = torch.randn(2, 2, 203, generator=gen)
+    x = random_crop(records, window, generator=gen).to(DEVICE)
+    assert x.shape == (2, 2, window)
+    torch.manual_seed(window)
+    enc = LeadwiseSignalVAEEncoder(2, window, 4, conv_impl="conv").to(DEVICE)
+    dec = SharedLeadDecoder(2, window, 4, mode="lead", conv_impl="conv").to(DEVICE)
+    enc_t = LeadwiseSignalVAEEncoder(2, window, 4, conv_impl="triton").to(DEVICE)
+    dec_t = SharedLeadDecoder(2, window, 4, mode="lead", conv_impl="triton").to(DEVICE)
+    enc_t.load_state_dict(enc.state_dict())
+    dec_t.load_state_dict(dec.state_dict())
+    results = []
+    for e, d in ((enc, dec), (enc_t, dec_t)):
+        mean, log_var = e(x)
+        recon = d(mean[0])
+        assert recon.shape == x.shape
+        (recon.sub(x).square().sum() + log_var.sum()).backward()
+        results.append((mean.detach(), recon.detach(), [p.grad.clone() for p in [*e.parameters(), *d.parameters()]]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+    for g_t, g in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(g_t, g, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [9, 75])
+def test_decoder_tail_sse_of_a_window_matches_reference(window):
+    """The SSE kernel (target and mask of a crop) equals the reference for window lengths the tiles do not divide."""
+    from kale_ext.loaddata.windows import random_crop
+
+    gen = torch.Generator().manual_seed(window + 7)
+    t1 = 2 * -(-window // 8)  # the decoder's first-layer length for this window
+    params = _decoder_params(3, 2, t1, torch.float64, gen)
+    target = random_crop(torch.randn(3, 2, 203, dtype=torch.float64, generator=gen), window, generator=gen)
+    mask = torch.tensor([[True, False], [True, True], [False, True]])
+    ref_inputs = [p.clone().to(DEVICE).requires_grad_() for p in params]
+    inputs = [p.float().to(DEVICE).requires_grad_() for p in params]
+    target, mask = target.to(DEVICE), mask.to(DEVICE)
+    recon = _decoder_ref(*ref_inputs, window)
+    ref = torch.where(mask[..., None], recon - target, torch.zeros_like(recon)).square().sum(-1)
+    sse = ct.decoder_tail_sse(*inputs, target.float(), mask, allow_tf32=False)
+    assert _rel_err(sse, ref) < REL_TOL
+    ref.sum().backward()
+    sse.sum().backward()
+    errors = {n: _rel_err(a.grad, r.grad) for n, a, r in zip(PARAM_NAMES, inputs, ref_inputs)}
+    assert max(errors.values()) < REL_TOL, errors
