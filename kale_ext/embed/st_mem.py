@@ -9,14 +9,16 @@ Model:
   (published: 75 samples at 250 Hz, 2250 samples, 30 patches per lead). One patch embedding is shared by all
   leads: a Linear layer (default) or LayerNorm -> Linear -> LayerNorm (``patch_norm=True``, published).
 - Every patch token gets a temporal positional embedding (one per patch position, shared across leads; learned by
-  default, fixed sine-cosine with ``pos_embedding="sincos"`` as published) and a learned embedding of its lead. Each lead's run of tokens is delimited by a learned SEP token at its start and its
-  end, with positional slots 0 and N + 1 and the lead's embedding, so a lead contributes N + 2 tokens.
+  default, fixed sine-cosine with ``pos_embedding="sincos"`` as published) and a learned embedding of its lead.
+  Each lead's run of tokens is delimited by a learned SEP token at its start and its end, with positional slots 0
+  and N + 1 and the lead's embedding, so a lead contributes N + 2 tokens.
 - A ViT encoder (pre-norm transformer blocks, attention by ``torch.nn.functional.scaled_dot_product_attention``,
   a final LayerNorm) sees the tokens of all present leads at once.
 - Pre-training: in each lead independently, :func:`kept_patches` random patches are kept (mask ratio 0.75:
-  ``round`` keeps 8 of 30 by default, ``keep_rounding="floor"`` keeps the published 7). The encoder sees the kept patches and the SEP tokens only. A lead-wise decoder (a narrower transformer run on
-  each lead's tokens separately, with mask tokens in the hidden slots) predicts every patch; the loss is the MSE on
-  the hidden patches only, against targets normalised per patch (:func:`masked_patch_mse`).
+  ``round`` keeps 8 of 30 by default, ``keep_rounding="floor"`` keeps the published 7). The encoder sees the kept
+  patches and the SEP tokens only. A lead-wise decoder (a narrower transformer run on each lead's tokens
+  separately, with mask tokens in the hidden slots) predicts every patch; the loss is the MSE on the hidden patches
+  only, against targets normalised per patch (:func:`masked_patch_mse`).
 - Fine-tuning features (:meth:`STMEM.features`): no masking; the mean of the encoder's output tokens over the patch
   tokens of the present leads, SEP tokens excluded: (B, width). By default each token passes the final LayerNorm
   before the mean; ``pool="mean_then_norm"`` (published) applies the LayerNorm to the mean.
