@@ -11,7 +11,8 @@ What runs (every number is measured in this run; see ``docs/real_ecg.md`` for th
    samples, latent 32); a random-initialised frozen encoder (the LS-EMVAE architecture, untrained) as the floor; a
    supervised xResNet1d (small widths) trained end to end per fold.
 2. Probes (``kale_ext.evaluate.probe``): repeated subject-level stratified 5-fold CV of a logistic-regression probe on
-   frozen features; AUROC per fold and a pooled bootstrap 95% interval; tasks parsed from LUDB's diagnosis strings.
+   frozen features; AUROC per fold and a pooled bootstrap 95% interval; LUDB's tasks as defined in
+   ``examples/lsemvae_ph/ecg_tables.py`` (read by ``kale_ext.loaddata.diagnosis_labels``).
 3. Lead subsets: probes fitted on 12-lead features scored with 12 / 6 limb / II / I leads (others masked), and probes
    fitted on 6-lead features scored with 6 / II / I.
 4. 6 -> 12 generation: V1-V6 from the six limb leads by each VAE's lead-conditioned (or per-lead) decoder, the VAE
@@ -54,6 +55,7 @@ from kale_ext.interpret.attribution import integrated_gradients
 from kale_ext.interpret.wave_share import wave_share_table, window_shares
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
 from kale_ext.loaddata.leads import CANONICAL_LEADS, LIMB_LEADS
+from kale_ext.loaddata.source_sets import combine_sources
 from kale_ext.loaddata.wave_annotations import read_wave_annotations, wave_windows
 from kale_ext.loaddata.wfdb_sources import RecordRef, list_records
 from kale_ext.pipeline.finetune import FinetuneSettings, MaskedInputClassifier, fit_classifier
@@ -62,6 +64,9 @@ from kale_ext.predict.heads import FeatureClassifier, LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lsemvae_ph"))
+from ecg_tables import LUDB_PREFIX, ludb_labels  # noqa: E402 - data set descriptions shared with the example
 
 logger = logging.getLogger("real_ecg")
 
@@ -82,7 +87,6 @@ SUBSETS = {"12L": CANONICAL_LEADS, "6L": LIMB_LEADS, "II": ("II",), "I": ("I",)}
 SUBSETS_6 = ("6L", "II", "I")
 MIN_POSITIVES = 8
 ANNOTATION_FS = 500.0
-LUDB_PREFIX = "ludb_"
 CINC_PREFIX = "cinc_"
 LEAD_DROPOUT = 0.25  # every VAE is pre-trained with the same lead dropout, so that lead subsets are trained for
 
@@ -170,45 +174,14 @@ def default_data() -> Path:
 
 
 def record_refs(ludb: Path, cinc: Path | None, n_ludb: int | None, n_cinc: int | None) -> list[RecordRef]:
-    """The records as RecordRefs with prefixed ids (LUDB first, then CinC), read by the generic lister."""
-    refs = []
+    """The records as RecordRefs with source-tagged ids (LUDB first, in record number order, then CinC)."""
     src = ludb / "data" if (ludb / "data").is_dir() else ludb
     ludb_refs = sorted(list_records(src, "header_tree"), key=lambda r: int(r.record_id) if r.record_id.isdigit() else 0)
-    for r in ludb_refs[:n_ludb]:
-        refs.append(RecordRef(LUDB_PREFIX + r.record_id, r.path, LUDB_PREFIX + r.record_id, r.source_path))
+    sources, tags = [ludb_refs[:n_ludb]], [LUDB_PREFIX.rstrip("_")]
     if cinc is not None and cinc.is_dir():
-        for r in list_records(cinc, "header_tree")[:n_cinc]:
-            refs.append(RecordRef(CINC_PREFIX + r.record_id, r.path, CINC_PREFIX + r.record_id, r.source_path))
-    return refs
-
-
-def _lines(cell) -> list[str]:
-    if not isinstance(cell, str):
-        return []
-    return [line.strip().rstrip(".").lower() for line in cell.split("\n") if line.strip()]
-
-
-def ludb_labels(csv: Path) -> pd.DataFrame:
-    """Binary task labels parsed from LUDB's diagnosis strings (one row per record, NaN = not in the task).
-
-    - ``sinus``: the rhythm cell lists "Sinus rhythm" (normal sinus rhythm; sinus brady-/tachycardia and sinus
-      arrhythmia count as not).
-    - ``afib``: the rhythm cell lists "Atrial fibrillation".
-    - ``lad``: electric axis "left axis deviation" (1) vs "normal" (0); other axes are left out.
-    - ``lvh``: the hypertrophy cell lists "Left ventricular hypertrophy".
-    - ``irbbb``: the conduction cell lists "Incomplete right bundle branch block".
-    """
-    table = pd.read_csv(csv, dtype=str)
-    out = pd.DataFrame({"record_id": LUDB_PREFIX + table["ID"].str.strip()})
-    rhythm = table["Rhythms"].map(_lines)
-    out["sinus"] = rhythm.map(lambda v: float("sinus rhythm" in v))
-    out["afib"] = rhythm.map(lambda v: float("atrial fibrillation" in v))
-    axis = table["Electric axis of the heart"].map(_lines).map(lambda v: v[0].split(":")[-1].strip() if v else "")
-    out["lad"] = axis.map({"left axis deviation": 1.0, "normal": 0.0})
-    out["lvh"] = table["Hypertrophies"].map(_lines).map(lambda v: float("left ventricular hypertrophy" in v))
-    conduction = table["Conduction abnormalities"].map(_lines)
-    out["irbbb"] = conduction.map(lambda v: float("incomplete right bundle branch block" in v))
-    return out
+        sources.append(list_records(cinc, "header_tree")[:n_cinc])
+        tags.append(CINC_PREFIX.rstrip("_"))
+    return combine_sources(sources, tags=tags, separator="_")
 
 
 TASK_TITLES = {

@@ -14,7 +14,9 @@ from yacs.config import CfgNode
 from kale_ext.embed.conv_ops import CONV_IMPLS
 from kale_ext.embed.st_mem import ST_MEM_PRESETS
 from kale_ext.embed.zoo import MODELS
+from kale_ext.loaddata.diagnosis_labels import parse_groups
 from kale_ext.loaddata.leads import resolve_leads
+from kale_ext.loaddata.source_sets import split_sources
 from kale_ext.predict.heads import FEATURE_MODES
 from kale_ext.predict.objectives import OBJECTIVES
 from kale_ext.prepdata.corruption import CORRUPTION_KINDS
@@ -28,15 +30,25 @@ _C.SEED = 42
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
 _C.DATASET = CfgNode()
-# Unlabelled pre-training records: a root with record_list.csv, a folder of WFDB headers or a manifest CSV.
+# Unlabelled pre-training records: a root with record_list.csv, a root whose CSV table points at the records (one
+# path column per sampling rate: PTB-XL's ptbxl_database.csv), a folder of WFDB headers or a manifest CSV. Several
+# sources: separate them with commas; record and subject ids are then tagged "<folder name>:<id>" so that sources
+# cannot collide. Relative paths: from the current folder, else from the repository root (docs/data.md).
 # Empty = the embedded synthetic cohort (generated once under DATASET.SYNTHETIC.DIR).
 _C.DATASET.PRETRAIN_SOURCE = ""
 # Labelled fine-tuning records (same accepted layouts). Empty = the synthetic cohort.
 _C.DATASET.FINETUNE_SOURCE = ""
-# Labels CSV for the fine-tuning records: haemodynamics (subject_id, mPAP, PAWP) or a ready label column.
+# Labels CSV for the fine-tuning records: haemodynamics (subject_id, mPAP, PAWP), a ready label column, or a table of
+# coded statements (TASK.NAME statement, e.g. PTB-XL's ptbxl_database.csv).
 _C.DATASET.LABELS_CSV = ""
-# Column of LABELS_CSV that identifies the record owner ("subject_id") or record ("record_id").
+# What the labels' ids name in the records' index: the record owner ("subject_id") or the record ("record_id").
 _C.DATASET.LABEL_ID_COLUMN = "subject_id"
+# Column of LABELS_CSV holding those ids when it is not named as DATASET.LABEL_ID_COLUMN (PTB-XL: ecg_id, the
+# record id of a record-table source); empty = the column named DATASET.LABEL_ID_COLUMN.
+_C.DATASET.LABELS_CSV_ID_COLUMN = ""
+# Statement table of TASK.NAME statement (statement code, class column TASK.CLASS_COLUMN); empty = scp_statements.csv
+# in the folder of DATASET.LABELS_CSV when present.
+_C.DATASET.STATEMENTS_CSV = ""
 # Ready 0/1 label column in LABELS_CSV; empty = derive the label from TASK.NAME and the thresholds below.
 _C.DATASET.LABEL_COLUMN = ""
 # Where the memory-mapped caches go; empty = <OUTPUT.DIR>/cache.
@@ -100,7 +112,9 @@ _C.DATASET.SYNTHETIC.SEED = 0
 # ---------------------------------------------------------------------------------------------------------------------
 _C.TASK = CfgNode()
 # "ph" (mPAP > MPAP_THRESHOLD), "phenotype" (among PH: PAWP > PAWP_THRESHOLD = post-capillary),
-# "pawp" (elevated PAWP: PAWP > PAWP_THRESHOLD).
+# "pawp" (elevated PAWP: PAWP > PAWP_THRESHOLD), or "statement": TASK.LABEL names a class of the statement table
+# (PTB-XL: NORM, MI, STTC, CD, HYP), one statement (LVH, IRBBB, RVH, RAO/RAE, ...) or a value / group of
+# TASK.VALUE_COLUMN (RAD, LAD) of a diagnosis table (rules in docs/data.md, "Diagnosis tables").
 _C.TASK.NAME = "ph"
 # Right heart catheterisation mPAP threshold for PH (mmHg; 2022 ESC/ERS definition).
 _C.TASK.MPAP_THRESHOLD = 20.0
@@ -114,8 +128,26 @@ _C.TASK.PAWP_COLUMN = "PAWP"
 _C.TASK.MPAP_RANGE = [5.0, 100.0]
 # Plausible PAWP range (mmHg).
 _C.TASK.PAWP_RANGE = [1.0, 60.0]
-# Name of the endpoint in every output; empty = from TASK.NAME, or DATASET.LABEL_COLUMN when that is given.
+# Name of the endpoint in every output; empty = from TASK.NAME, or DATASET.LABEL_COLUMN when that is given. With
+# TASK.NAME statement: the target (a class, a statement or a value of TASK.VALUE_COLUMN).
 _C.TASK.LABEL = ""
+# TASK.NAME statement: column of DATASET.LABELS_CSV holding a dict statement -> likelihood per record.
+_C.TASK.STATEMENT_COLUMN = "scp_codes"
+# Column of the statement table giving each statement its class (superclass).
+_C.TASK.CLASS_COLUMN = "diagnostic_class"
+# A statement counts when its likelihood is >= this (0-100; 0 = every listed statement: PTB-XL gives rhythm and form
+# statements likelihood 0).
+_C.TASK.LIKELIHOOD_MIN = 0.0
+# A target statement listed below TASK.LIKELIHOOD_MIN makes the record "negative" or leaves it out ("exclude").
+_C.TASK.UNCERTAIN = "negative"
+# Categorical (or multi-valued) column of DATASET.LABELS_CSV whose values TASK.LABEL may name (PTB-XL: heart_axis).
+_C.TASK.VALUE_COLUMN = "heart_axis"
+# Groups of values of TASK.VALUE_COLUMN, "NAME: value, value": TASK.LABEL RAD takes RAD, ARAD (abnormal) and AXR.
+_C.TASK.VALUE_GROUPS = ["RAD: RAD, ARAD, AXR", "LAD: LAD, ALAD, AXL"]
+# Separator of several values in one cell of TASK.VALUE_COLUMN (LUDB: a new line).
+_C.TASK.VALUE_SEPARATOR = "\n"
+# A record whose TASK.VALUE_COLUMN cell is empty is left out ("exclude") or "negative".
+_C.TASK.EMPTY_VALUE = "exclude"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
@@ -292,6 +324,10 @@ _C.EVAL.N_SPLITS = 5
 _C.EVAL.SEED = 42
 # Bootstrap resamples of the pooled out-of-fold predictions for the 95% CI.
 _C.EVAL.N_BOOT = 1000
+# Column of DATASET.LABELS_CSV giving each record a fold number (PTB-XL: strat_fold, 1-10, patient-disjoint); empty =
+# folds made by EVAL.SEED. Table fold v goes to cross-validation fold (v - 1) mod EVAL.N_SPLITS (10 folds, 5 splits:
+# {1, 6}, {2, 7}, ...), so folds made disjoint by subject stay so.
+_C.EVAL.FOLD_COLUMN = ""
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring new records (--stage predict)
@@ -360,7 +396,9 @@ ACCEPTED = {
     "MODEL.CONV_IMPL": CONV_IMPLS,
     "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
     "MODEL.STMEM_PRESET": tuple(ST_MEM_PRESETS),
-    "TASK.NAME": ("ph", "phenotype", "pawp"),
+    "TASK.NAME": ("ph", "phenotype", "pawp", "statement"),
+    "TASK.UNCERTAIN": ("negative", "exclude"),
+    "TASK.EMPTY_VALUE": ("exclude", "negative"),
     "PRETRAIN.LOSS_MODE": ("paper", "reference"),
     "PRETRAIN.LOADER": ("auto", "stream", "dataloader"),
     "PRETRAIN.RECON": ("gaussian", "mean"),
@@ -450,6 +488,15 @@ def validate_cfg(cfg: CfgNode) -> None:
         low_high = list(get_key(cfg, key))
         if len(low_high) != 2 or not low_high[0] < low_high[1]:
             raise ValueError(f"{key} = {low_high} is not accepted; use [low, high] with low < high (mmHg)")
+    if cfg.TASK.NAME == "statement" and not cfg.TASK.LABEL:
+        raise ValueError(
+            "TASK.LABEL is empty; with TASK.NAME statement name the target: a class (NORM, MI, STTC, CD, HYP), a "
+            "statement (LVH, IRBBB, ...) or a value of TASK.VALUE_COLUMN (RAD, LAD)"
+        )
+    try:
+        parse_groups(list(cfg.TASK.VALUE_GROUPS))
+    except ValueError as err:
+        raise ValueError(f"TASK.VALUE_GROUPS is not accepted ({err})") from err
     kinds = list(cfg.PRETRAIN.CORRUPT_KINDS)
     if not kinds or any(kind not in CORRUPTION_KINDS for kind in kinds):
         raise ValueError(
@@ -520,6 +567,7 @@ RANGES = {
     "DATASET.PREPROCESS.MAX_AMPLITUDE_MV": (0.0, None, True, False),
     "TASK.MPAP_THRESHOLD": (0.0, None, True, False),
     "TASK.PAWP_THRESHOLD": (0.0, None, True, False),
+    "TASK.LIKELIHOOD_MIN": (0.0, 100.0, False, False),
     "TRAINER.NUM_NODES": (1, None, False, False),
     "TRAINER.DEVICES": (-1, None, False, False),
     "TRAINER.LOG_EVERY_N_STEPS": (1, None, False, False),
@@ -543,6 +591,39 @@ def parse_leads(value: str) -> str | list[str]:
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+REPO_ROOT = CONFIG_DIR.parent
+# Keys holding data paths (PRETRAIN_SOURCE may list several, comma-separated): relative ones are resolved on loading.
+PATH_KEYS = ("DATASET.PRETRAIN_SOURCE", "DATASET.FINETUNE_SOURCE", "DATASET.LABELS_CSV", "DATASET.STATEMENTS_CSV",
+             "PREDICT.SOURCE")  # fmt: skip
+
+
+def resolve_data_path(value: str, root: Path = REPO_ROOT) -> str:
+    """A relative data path made absolute: from the current folder when it exists there, else from the repository root.
+
+    So ``../shared/data/ecg/ptbxl`` in a config finds the data beside the checkout whether ``main.py`` runs from the
+    repository root or from elsewhere, and the run's fingerprints hold the same absolute path either way. Absolute
+    paths, empty values and paths found nowhere are returned unchanged (the stage that reads them names the path).
+    """
+    text = str(value).strip()
+    if not text or Path(text).is_absolute():
+        return text
+    if Path(text).exists():
+        return str(Path(text).resolve())
+    candidate = root / text
+    return str(candidate.resolve()) if candidate.exists() else text
+
+
+def resolve_data_paths(cfg: CfgNode, root: Path = REPO_ROOT) -> None:
+    """Resolve the relative paths of :data:`PATH_KEYS` in place (:func:`resolve_data_path`; cfg must be unfrozen)."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        items = split_sources(value) if key == "DATASET.PRETRAIN_SOURCE" else [value]
+        resolved = [resolve_data_path(item, root) for item in items]
+        if resolved != items:
+            cfg[section][name] = ", ".join(resolved)
+
+
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
@@ -583,6 +664,7 @@ def load_cfg(cfg_files: list[str] | None = None, opts: list[str] | None = None) 
             except ValueError as err:
                 kind = type(default).__name__
                 raise ValueError(f"{key} = {value!r} has the wrong type: use a {kind} like {default!r}") from err
+    resolve_data_paths(cfg)
     validate_cfg(cfg)
     cfg.freeze()
     return cfg

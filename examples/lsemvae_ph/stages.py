@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from config import get_key
+from ecg_tables import PTBXL_STATEMENTS
 from layout import SYNTHETIC_NOTE, RunLayout, lead_tag
 
 import kale_ext
@@ -32,8 +33,19 @@ from kale_ext.evaluate.reports import (
     write_predictions_csv,
     write_results_table,
 )
+from kale_ext.loaddata.diagnosis_labels import (
+    ValueRule,
+    column_values,
+    parse_groups,
+    read_statement_table,
+    statement_labels,
+    target_kind,
+    value_labels,
+)
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset, label_from_threshold
 from kale_ext.loaddata.label_table import match_labels, read_label_table
+from kale_ext.loaddata.record_table import list_table_records, source_kind
+from kale_ext.loaddata.source_sets import combine_sources, split_sources
 from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
 from kale_ext.loaddata.wfdb_sources import list_records
 from kale_ext.pipeline import artifacts
@@ -74,8 +86,9 @@ def pretrain_fingerprint(run: RunLayout) -> dict:
 
 def finetune_fingerprint(run: RunLayout) -> dict:
     """What the fold classifiers are made from: labels, records, folds, head settings and the pre-trained model."""
-    keys = ["SEED", "FINETUNE", "EVAL.N_SPLITS", "EVAL.SEED", "TASK", "DATASET.LEADS",
-            "DATASET.LABEL_ID_COLUMN", "DATASET.LABEL_COLUMN", "DATASET.LABELS_CSV"]  # fmt: skip
+    keys = ["SEED", "FINETUNE", "EVAL.N_SPLITS", "EVAL.SEED", "EVAL.FOLD_COLUMN", "TASK", "DATASET.LEADS",
+            "DATASET.LABEL_ID_COLUMN", "DATASET.LABEL_COLUMN", "DATASET.LABELS_CSV", "DATASET.LABELS_CSV_ID_COLUMN",
+            "DATASET.STATEMENTS_CSV"]  # fmt: skip
     cache = run.finetune_cache
     return {
         "code": kale_ext.__version__,
@@ -172,14 +185,99 @@ def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...], 
         raise RuntimeError(f"no record of {source} passed quality control; see {out_dir / 'qc.csv'}")
 
 
+def _id_text(value: str) -> str:
+    text = str(value).strip()
+    return text[:-2] if text.endswith(".0") and text[:-2].lstrip("+-").isdigit() else text  # '15709.0' is 15709
+
+
+def statements_csv(run: RunLayout, labels_csv: str | Path) -> Path | None:
+    """The statement table of TASK.NAME statement: DATASET.STATEMENTS_CSV, else the default beside the labels."""
+    if run.cfg.DATASET.STATEMENTS_CSV:
+        path = Path(run.cfg.DATASET.STATEMENTS_CSV)
+        if not path.is_file():
+            raise FileNotFoundError(f"DATASET.STATEMENTS_CSV {path} does not exist; give the statement table's path")
+        return path
+    beside = Path(labels_csv).parent / PTBXL_STATEMENTS
+    return beside if beside.is_file() else None
+
+
+def statement_task_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
+    """Labels of TASK.NAME statement: TASK.LABEL as a class, a statement or a value of a diagnosis table.
+
+    Returns the id column (DATASET.LABEL_ID_COLUMN), ``label`` (0/1) and, with EVAL.FOLD_COLUMN, ``table_fold``;
+    records outside the task (no classed statement for a class target, an empty or unlisted value) are left out.
+    """
+    cfg, task = run.cfg, run.cfg.TASK
+    path = Path(labels_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"DATASET.LABELS_CSV {path} does not exist; give the diagnosis table's path")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    id_col = cfg.DATASET.LABEL_ID_COLUMN
+    source_id = cfg.DATASET.LABELS_CSV_ID_COLUMN or id_col
+    for key, column in (("DATASET.LABELS_CSV_ID_COLUMN", source_id), ("EVAL.FOLD_COLUMN", cfg.EVAL.FOLD_COLUMN)):
+        if column and column not in frame.columns:
+            raise ValueError(f"{path} has no column {column!r} ({key}); it has: {', '.join(frame.columns)}")
+    has_statements = bool(task.STATEMENT_COLUMN) and task.STATEMENT_COLUMN in frame.columns
+    table_path = statements_csv(run, path) if has_statements else None
+    statements = read_statement_table(table_path, task.CLASS_COLUMN) if table_path else None
+    groups = parse_groups(list(task.VALUE_GROUPS))
+    has_values = bool(task.VALUE_COLUMN) and task.VALUE_COLUMN in frame.columns
+    values = [*groups, *column_values(frame, task.VALUE_COLUMN, task.VALUE_SEPARATOR)] if has_values else []
+    try:
+        kind = target_kind(task.LABEL, statements, values)
+    except ValueError as err:
+        sources = [f"statement table {table_path}" if table_path else "no statement table (DATASET.STATEMENTS_CSV)"]
+        sources.append(f"column {task.VALUE_COLUMN!r}" if has_values else "no TASK.VALUE_COLUMN in the labels")
+        where = ", ".join(sources)
+        raise ValueError(f"TASK.LABEL = {task.LABEL!r} is not accepted ({err}); looked in {where}") from err
+    if kind == "value":
+        positive = groups.get(task.LABEL, (task.LABEL,))
+        rule = ValueRule(task.VALUE_COLUMN, positive, empty=task.EMPTY_VALUE, separator=task.VALUE_SEPARATOR)
+        label = value_labels(frame, rule)
+    else:
+        label = statement_labels(
+            frame[task.STATEMENT_COLUMN], task.LABEL, statements, task.LIKELIHOOD_MIN, task.UNCERTAIN
+        )
+    out = pd.DataFrame({id_col: frame[source_id].map(_id_text), "label": label})
+    if cfg.EVAL.FOLD_COLUMN:
+        out["table_fold"] = pd.to_numeric(frame[cfg.EVAL.FOLD_COLUMN], errors="coerce")
+    out = out.dropna(subset=["label"]).astype({"label": int})
+    logger.info("%s (%s): %d records, %d positive, %d left out of the task", task.LABEL, kind, len(out),
+                int(out["label"].sum()), len(frame) - len(out))  # fmt: skip
+    return out
+
+
+def table_folds(run: RunLayout, ids) -> np.ndarray:
+    """Cross-validation folds from EVAL.FOLD_COLUMN: table fold v -> (v - 1) mod EVAL.N_SPLITS, per record.
+
+    Args:
+        run: the run layout.
+        ids: the dataset's ids of the kind DATASET.LABEL_ID_COLUMN names, in dataset order.
+
+    Raises:
+        ValueError: a record without a fold number (the message names it and the column).
+    """
+    table = pd.read_csv(run.labels, dtype={run.cfg.DATASET.LABEL_ID_COLUMN: str})
+    fold_of = table.set_index(run.cfg.DATASET.LABEL_ID_COLUMN)["table_fold"]
+    values = fold_of.reindex([str(i) for i in ids])
+    if values.isna().any():
+        missing = values[values.isna()].index[0]
+        raise ValueError(f"record {missing!r} has no number in EVAL.FOLD_COLUMN {run.cfg.EVAL.FOLD_COLUMN!r} of "
+                         "DATASET.LABELS_CSV; fill it or set EVAL.FOLD_COLUMN empty")  # fmt: skip
+    return ((values.to_numpy().astype(int) - 1) % run.cfg.EVAL.N_SPLITS).astype(int)
+
+
 def make_labels(run: RunLayout, labels_csv: str | Path) -> pd.DataFrame:
-    """Label table (id column, ``label``) from a ready label column or the task's threshold rule.
+    """Label table (id column, ``label``) from a ready label column, a diagnosis table or the task's threshold rule.
 
     Values are parsed strictly: unparseable cells (``25 mmHg``, ``31,5``) and implausible ones (outside
     TASK.MPAP_RANGE / PAWP_RANGE, e.g. kPa or 9999) are left out and listed, with their rows, in
     ``OUTPUT.DIR/label_problems.csv``.
     """
     cfg, task = run.cfg, run.cfg.TASK
+    if task.NAME == "statement" and not cfg.DATASET.LABEL_COLUMN:
+        (run.out / "label_problems.csv").write_text("row,column,value,kind,message\n", encoding="utf-8")
+        return statement_task_labels(run, labels_csv)
     id_col = cfg.DATASET.LABEL_ID_COLUMN
     if cfg.DATASET.LABEL_COLUMN:
         columns, ranges = [cfg.DATASET.LABEL_COLUMN], {}
@@ -216,6 +314,30 @@ def check_labels(run: RunLayout, table: pd.DataFrame) -> None:
     match.raise_if_blocking()
 
 
+def report_missing_records(run: RunLayout, sources: list[str]) -> pd.DataFrame:
+    """Rows of record tables without a file at DATASET.FS, written to ``OUTPUT.DIR/missing_records.csv``.
+
+    Args:
+        run: the run layout.
+        sources: the run's source paths (other layouts have nothing to report).
+
+    Returns:
+        ``source, record_id, reason`` per missing record (empty when none).
+    """
+    rows = []
+    for source in dict.fromkeys(str(s) for s in sources):
+        if Path(source).is_dir() and source_kind(source) == "record_table":
+            listing = list_table_records(source, float(run.cfg.DATASET.FS))
+            rows += [{"source": source, "record_id": rid, "reason": why} for rid, why in listing.missing]
+    table = pd.DataFrame(rows, columns=["source", "record_id", "reason"])
+    run.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(run.out / "missing_records.csv", index=False)
+    if len(table):
+        logger.warning("%d records of record tables have no file at %s Hz and are not used; listed in %s", len(table),
+                       run.cfg.DATASET.FS, run.out / "missing_records.csv")  # fmt: skip
+    return table
+
+
 def stage_prepare(run: RunLayout) -> None:
     """Synthetic cohort (when no data are configured), the caches and the label table."""
     cfg = run.cfg
@@ -228,7 +350,13 @@ def stage_prepare(run: RunLayout) -> None:
         finetune_source, labels_csv = cfg.DATASET.FINETUNE_SOURCE, cfg.DATASET.LABELS_CSV
         if not labels_csv:
             raise ValueError("DATASET.LABELS_CSV is empty; give the labels CSV of DATASET.FINETUNE_SOURCE")
-        pretrain_source = cfg.DATASET.PRETRAIN_SOURCE or finetune_source
+        sources = split_sources(cfg.DATASET.PRETRAIN_SOURCE)
+        if len(sources) > 1:  # ids tagged by source: records and subjects of different archives cannot collide
+            pretrain_source = combine_sources(sources, fs=float(cfg.DATASET.FS))
+        else:
+            pretrain_source = sources[0] if sources else finetune_source
+        if global_rank() == 0:
+            report_missing_records(run, [finetune_source, *sources])
     _build_cache(run, finetune_source, run.finetune_cache, run.leads)
     if (
         run.spec.pretrained
@@ -348,7 +476,11 @@ def stage_finetune(run: RunLayout) -> None:
         return
     dataset = labelled_dataset(run)
     labels = np.asarray(dataset.labels)
-    folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
+    if run.cfg.EVAL.FOLD_COLUMN:  # the table's own (subject-disjoint) folds
+        by_record = run.cfg.DATASET.LABEL_ID_COLUMN == "record_id"
+        folds = table_folds(run, dataset.record_ids if by_record else dataset.subject_ids)
+    else:
+        folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
     hidden, dropout = settings.hidden_dim, settings.dropout
     if run.spec.end_to_end:
         info = artifacts.classifier_info(run.build_args(run.leads), run.leads, hidden, dropout, run.features)

@@ -50,7 +50,8 @@ import numpy as np
 import pandas as pd
 
 from kale_ext.loaddata.leads import CANONICAL_LEADS, resolve_leads
-from kale_ext.loaddata.wfdb_sources import RecordReadError, RecordRef, find_header, list_records, read_record
+from kale_ext.loaddata.record_table import list_source_records
+from kale_ext.loaddata.wfdb_sources import RecordReadError, RecordRef, find_header, read_record
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec, QualityError, preprocess_record
 from kale_ext.utils.files import (
     atomic_save_npy,
@@ -457,7 +458,12 @@ def _part_files(parts_dir: Path) -> dict[int, Path]:
 
 
 def _resolve_request(source, spec, leads, dtype, part_size, source_kind):
-    refs = list(source) if not isinstance(source, (str, Path)) else list_records(source, source_kind)
+    # A record table holds files at several rates: list the ones at (or just above) the rate the cache is built at.
+    refs = (
+        list(source)
+        if not isinstance(source, (str, Path))
+        else list_source_records(source, source_kind, spec.target_fs)
+    )
     sources = source_table(refs)
     manifest = _work_manifest(refs, spec, leads, dtype, part_size, source, sources)
     return refs, sources, manifest
@@ -483,7 +489,7 @@ def cache_matches(
         spec: preprocessing knobs; default :class:`PreprocessSpec`.
         leads: required leads as given to :func:`prepare_ecg_cache`.
         dtype: also require this dtype (``None``: any).
-        source_kind: ``"auto"`` or a kind of :func:`~kale_ext.loaddata.wfdb_sources.list_records`.
+        source_kind: ``"auto"`` or a kind of :func:`~kale_ext.loaddata.record_table.list_source_records`.
 
     Returns:
         ``True`` when the cache can be reused, else a one-line ``str`` saying what differs (a non-empty string is
@@ -535,7 +541,7 @@ def prepare_ecg_cache(
         part_size: records per part (the unit of resumption; memory per worker ~ part_size x 12 x T x 4 bytes).
         dtype: ``"float32"`` or ``"float16"`` for ``signals.npy``.
         progress: show a tqdm progress bar.
-        source_kind: ``"auto"`` or a kind of :func:`~kale_ext.loaddata.wfdb_sources.list_records`.
+        source_kind: ``"auto"`` or a kind of :func:`~kale_ext.loaddata.record_table.list_source_records`.
         max_parts: process at most this many unfinished parts, then return without assembling (for time-boxed
             jobs; a later call continues).
         keep_parts: keep the part files after assembly (they are deleted by default).
