@@ -31,6 +31,7 @@ import json
 import logging
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -601,19 +602,25 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
         fig.savefig(out / "probe_auroc.png", dpi=120)
         plt.close(fig)
         figures["probe AUROC"] = "probe_auroc.png"
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
         for ax, (trained, subs) in zip(axes, (("12L", list(SUBSETS)), ("6L", list(SUBSETS_6)))):
-            for rep in reps:
+            for i, rep in enumerate(reps):
                 d = subset_df[subset_df.representation == rep]
-                curve = [d[d.setting == f"{trained}>{s}"].auroc.mean() for s in subs]
-                ax.plot(subs, curve, marker="o", label=rep)
+                cells = [d[d.setting == f"{trained}>{s}"] for s in subs]
+                curve = np.array([c.auroc.mean() for c in cells])
+                lo = np.array([c.ci_lo.mean() for c in cells])  # the per-task 95% bootstrap CIs, averaged over tasks
+                hi = np.array([c.ci_hi.mean() for c in cells])
+                xs = np.arange(len(subs)) + (i - (len(reps) - 1) / 2) * 0.08  # side by side, bars readable
+                ax.errorbar(xs, curve, yerr=[curve - lo, hi - curve], marker="o", capsize=2, label=rep)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance (0.5)")
+            ax.set_xticks(np.arange(len(subs)), subs)
             ax.set_title(f"heads trained on {trained} features (mean over tasks)", fontsize=8)
             ax.set_xlabel("leads present at test")
-        axes[0].set_ylabel("AUROC")
-        axes[1].legend(fontsize=6)
-        fig.suptitle(tag, fontsize=8)
+        axes[0].set_ylabel("AUROC (pooled OOF)")
+        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: covers no bar
+        fig.suptitle(f"{tag}\nbars: per-task 95% bootstrap CIs averaged over tasks; dashed: chance", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "subset_robustness.png", dpi=120)
+        fig.savefig(out / "subset_robustness.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         figures["subset robustness"] = "subset_robustness.png"
     show = [n for n in ("lsemvae", "linear (limb->V)") if n in gen_pred]
@@ -628,6 +635,7 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
             ax.set_xlim(0, min(4.0, T / fs))
             ax.set_title(f"{ludb_ids[rec]} {lead}", fontsize=7)
             ax.tick_params(labelsize=6)
+        axes[i, 0].set_ylabel("amplitude\n(z-score per lead)", fontsize=7)  # the cache z-scores every lead
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"V1-V6 generated from the 6 limb leads (held-out folds), first 4 s; {tag}", fontsize=8)
     fig.tight_layout()
@@ -646,10 +654,12 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(np.arange(len(combos)), [f"{t}\n{e}" for t, e in combos], fontsize=7)
         ax.set_ylabel("attribution share / time share")
-        ax.set_title(f"IG of the 6-lead probe inside cardiologists' windows; {tag}", fontsize=8)
+        width = 1.5 + 1.2 * len(combos)
+        title = f"IG of the 6-lead probe inside cardiologists' windows; {tag}"
+        ax.set_title(textwrap.fill(title, max(30, int(width * 72 / (0.55 * 8)) - 6)), fontsize=8)  # never clipped
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "wave_attribution.png", dpi=120)
+        fig.savefig(out / "wave_attribution.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         figures["attribution vs annotation"] = "wave_attribution.png"
 

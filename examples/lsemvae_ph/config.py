@@ -379,7 +379,7 @@ _C.TRAINER.STRATEGY = "auto"
 _C.TRAINER.PRECISION = "auto"
 # Log every n training steps.
 _C.TRAINER.LOG_EVERY_N_STEPS = 10
-# Show progress bars.
+# Show progress bars when the output is a terminal; a redirected log gets one line per pre-training epoch instead.
 _C.TRAINER.PROGRESS_BAR = True
 
 # ---------------------------------------------------------------------------------------------------------------------
