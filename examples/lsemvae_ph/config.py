@@ -12,12 +12,14 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from kale_ext.embed.conv_ops import CONV_IMPLS
+from kale_ext.embed.st_mem import ST_MEM_PRESETS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.diagnosis_labels import parse_groups
 from kale_ext.loaddata.leads import resolve_leads
 from kale_ext.loaddata.source_sets import split_sources
 from kale_ext.predict.heads import FEATURE_MODES, WINDOW_POOLINGS
 from kale_ext.predict.objectives import OBJECTIVES
+from kale_ext.prepdata.corruption import CORRUPTION_KINDS
 
 _C = CfgNode()
 
@@ -177,10 +179,12 @@ _C.MODEL.BASELINE_WIDTHS = []
 _C.MODEL.CONV_IMPL = "auto"
 # random_encoder: the registry model whose architecture is frozen at its seeded initialisation (no pre-training).
 _C.MODEL.RANDOM_ARCHITECTURE = "lsemvae"
-# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks) or "small" (CPU runs).
+# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks), "small" (CPU runs) or
+# "published" ("paper" with the published sin-cos positions, normalised patch embedding, 7 of 30 patches kept and
+# mean-then-LayerNorm features; docs/models.md lists the departures of the other two).
 _C.MODEL.STMEM_PRESET = "paper"
 # ST-MEM patch length in samples; 0 = the divisor of DATASET.INPUT_LENGTH giving the published 30 patches per lead
-# most closely (75 at 2250 samples).
+# most closely (30 x 75 at 2250 samples; 25 x 200 at 5000 and 25 x 20 at 500, where 30 does not divide the length).
 _C.MODEL.STMEM_PATCH_SIZE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,19 +216,44 @@ _C.PRETRAIN.GAMMA = 0.5
 # the KL T / (2 sigma^2) times more than the ELBO does).
 _C.PRETRAIN.RECON = "gaussian"
 # Standard deviation of the Gaussian likelihood per lead, on z-scored signals (0.3 = a reconstruction explaining
-# about 90% of each lead's variance).
+# about 90% of each lead's variance). Used by the "elbo" and "capacity" objectives. A fixed sigma well below the
+# residual RMS acts as a hidden beta = sigma^2 / residual MSE (0.09 / 0.88 ~ 0.1 measured on the demo).
 _C.PRETRAIN.SIGMA = 0.3
-# Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss, times T / (2 SIGMA^2).
+# Learn one sigma per lead, bounded to [SIGMA_MIN, SIGMA_MAX] and starting at SIGMA; the ELBO ("train/neg_elbo") is
+# then reported at the learned sigma and "sigma_mean" is logged. The gate balance weights keep the fixed SIGMA.
+_C.PRETRAIN.LEARN_SIGMA = False
+# Lower bound of the learned sigma (LEARN_SIGMA).
+_C.PRETRAIN.SIGMA_MIN = 0.05
+# Upper bound of the learned sigma (LEARN_SIGMA).
+_C.PRETRAIN.SIGMA_MAX = 1.0
+# Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss. The loss adds it times
+# T / (2 SIGMA^2) (T = samples per lead; 1 with RECON "mean"): a dimensionless coefficient on the scale of the
+# reconstruction, so the balance term itself is in nats, not the coefficient. It is not free: the ELBO alone
+# prefers the PoE expert (compare train/neg_elbo with train/neg_elbo_poe, docs/fusion.md).
 _C.PRETRAIN.GATE_IMPORTANCE = 0.1
-# Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2); 0 = off.
+# Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2) like GATE_IMPORTANCE; 0 = off.
 _C.PRETRAIN.GATE_BALANCE_KL = 0.3
 # Sub-ELBO terms that make each lead expert a valid posterior on its own: "none", "unimodal" (MVAE: each lead's
-# posterior reconstructs its lead) or "subset" (MoPoE: a random subset's product reconstructs every present lead).
+# posterior reconstructs its lead) or "subset" (MoPoE: the product of one subset of the present leads, uniform over
+# the non-empty subsets, reconstructs every present lead). One extra decode per step.
 _C.PRETRAIN.SUBSET_TERMS = "none"
 # Weight of the sub-ELBO term.
 _C.PRETRAIN.SUBSET_WEIGHT = 1.0
-# Objective: "paper" = mean-squared reconstruction per lead + beta KL of the fused posterior + gamma alignment of
-# every expert to the fused mean; "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
+# Lead dropout in pre-training: probability of dropping each present lead of each record from the model's input
+# (at least one kept; the dropped leads are still reconstructed), so that lead subsets such as the 6 limb leads
+# are trained for; 0 = off. Reaches the model (kale_ext.embed.multimodal_vae.MultimodalVAE lead_dropout); in
+# training mode only.
+_C.PRETRAIN.LEAD_DROPOUT = 0.0
+# Corruption augmentation (kale_ext.prepdata.corruption): probability that a training record gets one lead
+# corrupted in the model's input (the reconstruction target stays clean), so that a learned gate learns to turn a
+# bad lead down; 0 = off. Validation is never corrupted.
+_C.PRETRAIN.CORRUPT_PROB = 0.0
+# Corruption kinds, drawn uniformly: "noise" (a burst of white noise), "flat" (a flat line), "wander" (baseline
+# wander), "invert" (the lead times -1).
+_C.PRETRAIN.CORRUPT_KINDS = ["noise", "flat", "wander", "invert"]
+# Objective of the LS-EMVAE models: "paper" = the registry objective ("elbo": the RECON reconstruction (Gaussian
+# NLL at SIGMA by default) + beta KL of the fused posterior + GAMMA alignment of every expert to the fused mean +
+# gate balance + SUBSET_TERMS); "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
 # mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
 _C.PRETRAIN.LOSS_MODE = "paper"
@@ -378,7 +407,7 @@ ACCEPTED = {
     "MODEL.NAME": tuple(MODELS),
     "MODEL.CONV_IMPL": CONV_IMPLS,
     "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
-    "MODEL.STMEM_PRESET": ("paper", "small"),
+    "MODEL.STMEM_PRESET": tuple(ST_MEM_PRESETS),
     "TASK.NAME": ("ph", "phenotype", "pawp", "statement"),
     "TASK.UNCERTAIN": ("negative", "exclude"),
     "TASK.EMPTY_VALUE": ("exclude", "negative"),
@@ -482,6 +511,16 @@ def validate_cfg(cfg: CfgNode) -> None:
         parse_groups(list(cfg.TASK.VALUE_GROUPS))
     except ValueError as err:
         raise ValueError(f"TASK.VALUE_GROUPS is not accepted ({err})") from err
+    kinds = list(cfg.PRETRAIN.CORRUPT_KINDS)
+    if not kinds or any(kind not in CORRUPTION_KINDS for kind in kinds):
+        raise ValueError(
+            f"PRETRAIN.CORRUPT_KINDS = {kinds} is not accepted; use a non-empty list of: {', '.join(CORRUPTION_KINDS)}"
+        )
+    if cfg.PRETRAIN.LEARN_SIGMA and not cfg.PRETRAIN.SIGMA_MIN < cfg.PRETRAIN.SIGMA < cfg.PRETRAIN.SIGMA_MAX:
+        raise ValueError(
+            f"PRETRAIN.LEARN_SIGMA needs PRETRAIN.SIGMA_MIN < PRETRAIN.SIGMA < PRETRAIN.SIGMA_MAX; got "
+            f"{cfg.PRETRAIN.SIGMA_MIN}, {cfg.PRETRAIN.SIGMA}, {cfg.PRETRAIN.SIGMA_MAX}"
+        )
     strategy = str(cfg.TRAINER.STRATEGY)
     if strategy not in STRATEGIES and not strategy.startswith(("ddp", "fsdp", "deepspeed")):
         raise ValueError(f"TRAINER.STRATEGY = {strategy!r} is not accepted; use one of: {', '.join(STRATEGIES)}")
@@ -533,6 +572,10 @@ RANGES = {
     "PRETRAIN.GATE_IMPORTANCE": (0.0, None, False, False),
     "PRETRAIN.GATE_BALANCE_KL": (0.0, None, False, False),
     "PRETRAIN.SUBSET_WEIGHT": (0.0, None, False, False),
+    "PRETRAIN.LEAD_DROPOUT": (0.0, 1.0, False, True),
+    "PRETRAIN.CORRUPT_PROB": (0.0, 1.0, False, False),
+    "PRETRAIN.SIGMA_MIN": (0.0, None, True, False),
+    "PRETRAIN.SIGMA_MAX": (0.0, None, True, False),
     "MODEL.GATE_TOP_K": (0, None, False, False),
     "PRETRAIN.CAPACITY_MAX": (0.0, None, False, False),
     "PRETRAIN.WINDOW": (0, None, False, False),

@@ -179,7 +179,9 @@ class RunLayout:
             options["widths"] = [int(w) for w in cfg.MODEL.BASELINE_WIDTHS]
         # Only non-default values are recorded, so records of earlier runs rebuild the same model.
         defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto",
-                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0}  # fmt: skip
+                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0, "lead_dropout": 0.0}  # fmt: skip
+        if "lead_dropout" in self.spec.options:  # a training setting that the model applies (training mode only)
+            options["lead_dropout"] = float(cfg.PRETRAIN.LEAD_DROPOUT)
         options = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
         return {
             "name": cfg.MODEL.NAME,

@@ -59,6 +59,7 @@ from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.pipeline.scoring import score_records
 from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
+from kale_ext.prepdata.corruption import LeadCorruption
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
 from kale_ext.utils.console import interactive
 from kale_ext.utils.distributed import global_rank, wait_for
@@ -433,8 +434,15 @@ def make_objective(run: RunLayout):
         name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, recon_reduction=p.RECON,
         sigma=p.SIGMA, gate_importance=p.GATE_IMPORTANCE, gate_balance_kl=p.GATE_BALANCE_KL,
         subset_terms=p.SUBSET_TERMS, subset_weight=p.SUBSET_WEIGHT, capacity_gamma=p.CAPACITY_GAMMA,
-        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS,
+        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS, learn_sigma=p.LEARN_SIGMA,
+        num_leads=len(run.pretrain_leads), sigma_min=p.SIGMA_MIN, sigma_max=p.SIGMA_MAX,
     )  # fmt: skip
+
+
+def make_augment(run: RunLayout) -> LeadCorruption | None:
+    """The corruption augmentation of the training batches (PRETRAIN.CORRUPT_PROB > 0), else None."""
+    p = run.cfg.PRETRAIN
+    return LeadCorruption(p.CORRUPT_PROB, list(p.CORRUPT_KINDS)) if p.CORRUPT_PROB > 0 else None
 
 
 def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
@@ -477,7 +485,7 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
     lines = [] if settings.progress_bar else [EpochLogLine("pre-training")]  # a line per epoch instead of a bar
     result = run_pretraining(
         model, make_objective(run), dataset, run.pretrain_dir, settings, build_args=args,
-        leads=run.pretrain_leads, callbacks=[*lines, *callbacks],
+        leads=run.pretrain_leads, callbacks=[*lines, *callbacks], augment=make_augment(run),
     )  # fmt: skip
     return result.is_global_zero
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 GATE_DIAGNOSTICS_FILE = "gate_diagnostics.csv"
 BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best held-out epoch (kept with early stopping)
+
+# Base seed of the validation draws (z, sub-ELBO subsets): batch k uses VAL_SEED + k.
+VAL_SEED = 20_251_207
 
 LOADERS = ("auto", "stream", "dataloader")
 # Names of the validation loaders: held-out subjects, and a fixed subset of the training records (for train recon r).
@@ -323,6 +326,9 @@ class PretrainModule(pl.LightningModule):
         window: samples per training window (0 = whole records): each training step sees a fresh uniform random
             window of every record, validation every window of each record. The model's input length must be
             ``window``.
+        augment: ``augment(signals (B, L', T), mask (B, L')) -> signals``, applied to the model's INPUT of training
+            batches only (e.g. :class:`kale_ext.prepdata.corruption.LeadCorruption`); the reconstruction target
+            stays the clean batch, so the model learns to explain a corrupted lead by the clean ones. None = off.
     """
 
     def __init__(
@@ -336,12 +342,14 @@ class PretrainModule(pl.LightningModule):
         fused_optimizer: bool = True,
         diagnostics_dir: str | Path | None = None,
         window: int = 0,
+        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         if int(window) < 0:
             raise ValueError(f"window = {window} is not accepted; use 0 (whole records) or a number of samples")
         self.window = int(window)
         self._r_sums: dict[str, torch.Tensor] = {}
+        self.augment = augment
         self.fused_optimizer = fused_optimizer
         self.diagnostics_dir = diagnostics_dir
         self._gate_sums = None
@@ -359,7 +367,7 @@ class PretrainModule(pl.LightningModule):
         self.register_buffer(
             "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
         )
-        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir"])
+        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir", "augment"])
         # Reconstruction r needs a model that encodes, fuses and decodes at the posterior mean (the lead VAEs).
         self.measures_recon = all(hasattr(model, name) for name in ("encode", "fuse", "decode"))
         self.measures_generation = self.measures_recon and set(CANONICAL_LEADS) <= set(self.leads)
@@ -387,12 +395,13 @@ class PretrainModule(pl.LightningModule):
         full_mask[:, self._slot] = mask
         return target, full_mask
 
-    def compute_losses(self, batch: dict, sample: bool = True) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: dict, sample: bool = True, augment: bool = False) -> dict[str, torch.Tensor]:
         """All loss terms of one batch.
 
         Args:
             batch: ``signals`` (B, L', T) float, ``mask`` (B, L') bool.
             sample: draw z from the fused posterior (training) or use its mean.
+            augment: pass the model's input through ``self.augment`` (the target stays clean).
 
         Returns:
             dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars), ``beta`` and any further terms of the
@@ -401,7 +410,8 @@ class PretrainModule(pl.LightningModule):
         x = batch["signals"].float()
         mask = batch["mask"].bool()
         target, full_mask = self._full_width(x, mask)
-        view = PretrainBatch(x, mask, self.leads, target, full_mask, sample, self._forward)
+        inputs = self.augment(x, mask) if augment and self.augment is not None else x
+        view = PretrainBatch(inputs, mask, self.leads, target, full_mask, sample, self._forward)
         return self.objective(self.model, view, self.progress())
 
     def crop_batch(self, batch: dict, train: bool) -> dict:
@@ -429,7 +439,7 @@ class PretrainModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimisation step; logs step values locally and epoch means synchronised across processes."""
         batch = self.crop_batch(batch, train=True)
-        losses = self.compute_losses(batch, sample=True)
+        losses = self.compute_losses(batch, sample=True, augment=True)
         size = batch["signals"].shape[0]
         self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         for name, value in _scalars(losses).items():
@@ -469,17 +479,23 @@ class PretrainModule(pl.LightningModule):
                     fh.write(f"{self.current_epoch},{name},{value:.6f},{entropy:.6f}\n")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Validation loss and reconstruction r with z at the posterior mean (every window of each record).
+        """Validation loss as in training, and reconstruction r at the posterior mean (every window of each record).
 
-        The held-out loader logs the objective's terms (``val/...``), its reconstruction r and 6->12 generation r;
-        the training probe only its reconstruction r.
+        The held-out loader logs the objective's terms (``val/...``: z drawn from the posterior as in training, a
+        one-sample ELBO estimate on clean inputs), its reconstruction r and 6->12 generation r; the training probe
+        only its reconstruction r. The validation draws come from a generator seeded by the batch index inside a
+        forked random state, so the estimate uses the same noise at every epoch and training's random stream is
+        untouched.
         """
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         names = getattr(datamodule, "val_names", None) or (HELD_OUT,)
         part = names[dataloader_idx]
         batch = self.crop_batch(batch, train=False)
         if part == HELD_OUT:
-            losses = self.compute_losses(batch, sample=False)
+            devices = [batch["signals"].device] if batch["signals"].is_cuda else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(VAL_SEED + batch_idx)
+                losses = self.compute_losses(batch, sample=True)
             size = batch["signals"].shape[0]
             for name, value in _scalars(losses).items():
                 self.log(
@@ -666,6 +682,7 @@ def run_pretraining(
     leads: Sequence[str] | None = None,
     callbacks: Sequence[pl.Callback] = (),
     extra_files: dict[str, str] | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PretrainResult:
     """Pre-train ``model`` with ``objective`` on ``dataset`` with Lightning and save a plain state_dict.
 
@@ -684,6 +701,7 @@ def run_pretraining(
         leads: channel names of the dataset items (default ``dataset.leads`` or the model's).
         callbacks: further Lightning callbacks (e.g. diagnostics).
         extra_files: further text files written beside the model (name -> content), e.g. a fingerprint.
+        augment: transform of the training batches' model input (see :class:`PretrainModule`); None = off.
 
     Returns:
         ``PretrainResult``.
@@ -694,7 +712,7 @@ def run_pretraining(
     module = PretrainModule(
         model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile,
         fused_optimizer=settings.fused_optimizer,
-        diagnostics_dir=out_dir, window=settings.window,
+        diagnostics_dir=out_dir, window=settings.window, augment=augment,
     )  # fmt: skip
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers, settings.loader,

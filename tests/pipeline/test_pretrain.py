@@ -291,7 +291,7 @@ class _Ramp(_TinyLeads):
 
 
 class _Recording(ELBOObjective):
-    """ELBO that records where every window it is given starts: (sample, record, start) per item."""
+    """ELBO that records where every window it is given starts: (training, records, starts, width) per call."""
 
     def __init__(self):
         super().__init__(beta=1.0, beta_warmup_epochs=2, gamma=1.0)
@@ -301,7 +301,8 @@ class _Recording(ELBOObjective):
         first = batch.signals[:, 0, :].detach().long()
         # a window is a run of consecutive positions of one record
         assert torch.equal(first - first[:, :1], torch.arange(first.shape[1]).expand_as(first))
-        self.seen.append((batch.sample, (first[:, 0] // T).tolist(), (first[:, 0] % T).tolist(), first.shape[1]))
+        # training calls are told apart by the model's mode (validation draws z too, so batch.sample does not)
+        self.seen.append((model.training, (first[:, 0] // T).tolist(), (first[:, 0] % T).tolist(), first.shape[1]))
         return super().forward(model, batch, progress)
 
 
@@ -470,3 +471,38 @@ def test_early_stopping_stops_when_held_out_reconstruction_stops_improving(tmp_p
         run_pretraining(
             _model(), _objective(), _TinyLeads(), tmp_path / "b", _settings(early_stop_patience=1, val_fraction=0)
         )
+
+
+class _RecordingELBO(ELBOObjective):
+    """The ELBO objective that records what each call saw: input, target, sampling, train/eval mode."""
+
+    def __init__(self):
+        super().__init__(beta=1.0, beta_warmup_epochs=0, gamma=0.1)
+        self.calls = []
+
+    def forward(self, model, batch, progress):
+        self.calls.append((batch.signals.clone(), batch.target.clone(), batch.sample, model.training))
+        return super().forward(model, batch, progress)
+
+
+def test_augmentation_reaches_the_training_input_only_and_validation_samples_z(tmp_path):
+    data = _TinyLeads()
+
+    def flatten_lead0(signals, mask):
+        out = signals.clone()
+        out[:, 0] = 0.0
+        return out
+
+    objective = _RecordingELBO()
+    run_pretraining(_model(), objective, data, tmp_path, _settings(epochs=1), augment=flatten_lead0)
+    train = [c for c in objective.calls if c[3]]
+    val = [c for c in objective.calls if not c[3]]
+    assert train and val
+    for signals, target, sample, _ in train:
+        assert sample and (signals[:, 0] == 0).all() and (target[:, 0] != 0).any()  # corrupted input, clean target
+        torch.testing.assert_close(signals[:, 1:], target[:, 1:])
+    for signals, target, sample, _ in val:
+        assert sample and (signals[:, 0] != 0).any()  # clean input, z drawn (an ELBO estimate, not at the mean)
+        torch.testing.assert_close(signals, target)
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    assert "val/neg_elbo_poe" in metrics and "train/neg_elbo" in metrics
