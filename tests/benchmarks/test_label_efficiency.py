@@ -40,7 +40,8 @@ def test_fraction_draws_are_stratified_nested_sizes_and_seeded():
     assert np.array_equal(draw(y, 0.1, 0), small)
     assert not np.array_equal(draw(y, 0.1, 1), small)
     assert len(draw(y, 1.0, 3)) == 100
-    assert (y[draw(np.array([0] * 50 + [1] * 3), 0.1, 0)] == 1).sum() == 2  # at least two of a rare class
+    rare = np.array([0] * 50 + [1] * 3)
+    assert (rare[draw(rare, 0.1, 0)] == 1).sum() == 2  # at least two of a rare class
 
 
 def test_small_run_writes_tables_and_figures(tmp_path):
