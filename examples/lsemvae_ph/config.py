@@ -12,12 +12,14 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from kale_ext.embed.conv_ops import CONV_IMPLS
+from kale_ext.embed.st_mem import ST_MEM_PRESETS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.diagnosis_labels import parse_groups
 from kale_ext.loaddata.leads import resolve_leads
 from kale_ext.loaddata.source_sets import split_sources
-from kale_ext.predict.heads import FEATURE_MODES
+from kale_ext.predict.heads import FEATURE_MODES, WINDOW_POOLINGS
 from kale_ext.predict.objectives import OBJECTIVES
+from kale_ext.prepdata.corruption import CORRUPTION_KINDS
 
 _C = CfgNode()
 
@@ -177,10 +179,12 @@ _C.MODEL.BASELINE_WIDTHS = []
 _C.MODEL.CONV_IMPL = "auto"
 # random_encoder: the registry model whose architecture is frozen at its seeded initialisation (no pre-training).
 _C.MODEL.RANDOM_ARCHITECTURE = "lsemvae"
-# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks) or "small" (CPU runs).
+# ST-MEM size: "paper" (ViT-B: 768 wide, 12 blocks, 12 heads; decoder 256 wide, 4 blocks), "small" (CPU runs) or
+# "published" ("paper" with the published sin-cos positions, normalised patch embedding, 7 of 30 patches kept and
+# mean-then-LayerNorm features; docs/models.md lists the departures of the other two).
 _C.MODEL.STMEM_PRESET = "paper"
 # ST-MEM patch length in samples; 0 = the divisor of DATASET.INPUT_LENGTH giving the published 30 patches per lead
-# most closely (75 at 2250 samples).
+# most closely (30 x 75 at 2250 samples; 25 x 200 at 5000 and 25 x 20 at 500, where 30 does not divide the length).
 _C.MODEL.STMEM_PATCH_SIZE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,19 +216,44 @@ _C.PRETRAIN.GAMMA = 0.5
 # the KL T / (2 sigma^2) times more than the ELBO does).
 _C.PRETRAIN.RECON = "gaussian"
 # Standard deviation of the Gaussian likelihood per lead, on z-scored signals (0.3 = a reconstruction explaining
-# about 90% of each lead's variance).
+# about 90% of each lead's variance). Used by the "elbo" and "capacity" objectives. A fixed sigma well below the
+# residual RMS acts as a hidden beta = sigma^2 / residual MSE (0.09 / 0.88 ~ 0.1 measured on the demo).
 _C.PRETRAIN.SIGMA = 0.3
-# Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss, times T / (2 SIGMA^2).
+# Learn one sigma per lead, bounded to [SIGMA_MIN, SIGMA_MAX] and starting at SIGMA; the ELBO ("train/neg_elbo") is
+# then reported at the learned sigma and "sigma_mean" is logged. The gate balance weights keep the fixed SIGMA.
+_C.PRETRAIN.LEARN_SIGMA = False
+# Lower bound of the learned sigma (LEARN_SIGMA).
+_C.PRETRAIN.SIGMA_MIN = 0.05
+# Upper bound of the learned sigma (LEARN_SIGMA).
+_C.PRETRAIN.SIGMA_MAX = 1.0
+# Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss. The loss adds it times
+# T / (2 SIGMA^2) (T = samples per lead; 1 with RECON "mean"): a dimensionless coefficient on the scale of the
+# reconstruction, so the balance term itself is in nats, not the coefficient. It is not free: the ELBO alone
+# prefers the PoE expert (compare train/neg_elbo with train/neg_elbo_poe, docs/fusion.md).
 _C.PRETRAIN.GATE_IMPORTANCE = 0.1
-# Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2); 0 = off.
+# Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2) like GATE_IMPORTANCE; 0 = off.
 _C.PRETRAIN.GATE_BALANCE_KL = 0.3
 # Sub-ELBO terms that make each lead expert a valid posterior on its own: "none", "unimodal" (MVAE: each lead's
-# posterior reconstructs its lead) or "subset" (MoPoE: a random subset's product reconstructs every present lead).
+# posterior reconstructs its lead) or "subset" (MoPoE: the product of one subset of the present leads, uniform over
+# the non-empty subsets, reconstructs every present lead). One extra decode per step.
 _C.PRETRAIN.SUBSET_TERMS = "none"
 # Weight of the sub-ELBO term.
 _C.PRETRAIN.SUBSET_WEIGHT = 1.0
-# Objective: "paper" = mean-squared reconstruction per lead + beta KL of the fused posterior + gamma alignment of
-# every expert to the fused mean; "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
+# Lead dropout in pre-training: probability of dropping each present lead of each record from the model's input
+# (at least one kept; the dropped leads are still reconstructed), so that lead subsets such as the 6 limb leads
+# are trained for; 0 = off. Reaches the model (kale_ext.embed.multimodal_vae.MultimodalVAE lead_dropout); in
+# training mode only.
+_C.PRETRAIN.LEAD_DROPOUT = 0.0
+# Corruption augmentation (kale_ext.prepdata.corruption): probability that a training record gets one lead
+# corrupted in the model's input (the reconstruction target stays clean), so that a learned gate learns to turn a
+# bad lead down; 0 = off. Validation is never corrupted.
+_C.PRETRAIN.CORRUPT_PROB = 0.0
+# Corruption kinds, drawn uniformly: "noise" (a burst of white noise), "flat" (a flat line), "wander" (baseline
+# wander), "invert" (the lead times -1).
+_C.PRETRAIN.CORRUPT_KINDS = ["noise", "flat", "wander", "invert"]
+# Objective of the LS-EMVAE models: "paper" = the registry objective ("elbo": the RECON reconstruction (Gaussian
+# NLL at SIGMA by default) + beta KL of the fused posterior + GAMMA alignment of every expert to the fused mean +
+# gate balance + SUBSET_TERMS); "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
 # mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
 _C.PRETRAIN.LOSS_MODE = "paper"
@@ -248,6 +277,14 @@ _C.PRETRAIN.COMPILE = False
 _C.PRETRAIN.LOADER = "auto"
 # Hold the cache on the training device: "auto" (when it fits in half the free memory), "always" or "never".
 _C.PRETRAIN.RESIDENT = "auto"
+# Windowed pre-training, in samples (a departure from the paper, see docs/models.md "Windowed pre-training"):
+# 0 = whole records (the paper's setting); 1..DATASET.INPUT_LENGTH = the pre-trainable models are built for windows
+# of this length, every training step sees a fresh uniform random window of every record, validation every window,
+# and features of a whole record pool all its windows (FINETUNE.WINDOW_POOLING). 250 = 2.5 s at 100 Hz.
+_C.PRETRAIN.WINDOW = 0
+# Stop pre-training after this many epochs without a better held-out reconstruction r and keep the best held-out
+# epoch's weights (0 = off; needs PRETRAIN.VAL_FRACTION > 0).
+_C.PRETRAIN.EARLY_STOP_PATIENCE = 0
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning (head on frozen encoders, or supervised baselines end to end)
@@ -284,6 +321,10 @@ _C.FINETUNE.FOCAL_ALPHA = -1.0
 _C.FINETUNE.THRESHOLD = "youden"
 # Batch size of the frozen feature extraction.
 _C.FINETUNE.FEATURE_BATCH_SIZE = 64
+# With PRETRAIN.WINDOW > 0: how a record's windows make its features: "mean" (mean of the per-window features;
+# chosen by measurement, docs/models.md "Windowed pre-training") or "poe" (product of the per-window Gaussian
+# posteriors of each lead, then FINETUNE.FEATURES).
+_C.FINETUNE.WINDOW_POOLING = "mean"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
@@ -350,7 +391,7 @@ _C.TRAINER.STRATEGY = "auto"
 _C.TRAINER.PRECISION = "auto"
 # Log every n training steps.
 _C.TRAINER.LOG_EVERY_N_STEPS = 10
-# Show progress bars.
+# Show progress bars when the output is a terminal; a redirected log gets one line per pre-training epoch instead.
 _C.TRAINER.PROGRESS_BAR = True
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -366,7 +407,7 @@ ACCEPTED = {
     "MODEL.NAME": tuple(MODELS),
     "MODEL.CONV_IMPL": CONV_IMPLS,
     "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
-    "MODEL.STMEM_PRESET": ("paper", "small"),
+    "MODEL.STMEM_PRESET": tuple(ST_MEM_PRESETS),
     "TASK.NAME": ("ph", "phenotype", "pawp", "statement"),
     "TASK.UNCERTAIN": ("negative", "exclude"),
     "TASK.EMPTY_VALUE": ("exclude", "negative"),
@@ -377,6 +418,7 @@ ACCEPTED = {
     "PRETRAIN.SUBSET_TERMS": ("none", "unimodal", "subset"),
     "PRETRAIN.RESIDENT": ("auto", "always", "never"),
     "FINETUNE.FEATURES": FEATURE_MODES,
+    "FINETUNE.WINDOW_POOLING": WINDOW_POOLINGS,
     "FINETUNE.LOSS": ("focal", "cross_entropy"),
     "FINETUNE.OPTIMIZER": ("adamw", "adam"),
     "TRAINER.ACCELERATOR": ("auto", "cpu", "gpu", "cuda", "mps"),
@@ -430,6 +472,7 @@ def validate_cfg(cfg: CfgNode) -> None:
             lo = f"{low} {'<' if low_open else '<='} value"
             hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
             raise ValueError(f"{key} = {value} is not accepted; use {lo}{hi}")
+    validate_window(cfg)
     threshold = cfg.FINETUNE.THRESHOLD
     if threshold not in ("youden", "argmax"):
         try:
@@ -468,12 +511,46 @@ def validate_cfg(cfg: CfgNode) -> None:
         parse_groups(list(cfg.TASK.VALUE_GROUPS))
     except ValueError as err:
         raise ValueError(f"TASK.VALUE_GROUPS is not accepted ({err})") from err
+    kinds = list(cfg.PRETRAIN.CORRUPT_KINDS)
+    if not kinds or any(kind not in CORRUPTION_KINDS for kind in kinds):
+        raise ValueError(
+            f"PRETRAIN.CORRUPT_KINDS = {kinds} is not accepted; use a non-empty list of: {', '.join(CORRUPTION_KINDS)}"
+        )
+    if cfg.PRETRAIN.LEARN_SIGMA and not cfg.PRETRAIN.SIGMA_MIN < cfg.PRETRAIN.SIGMA < cfg.PRETRAIN.SIGMA_MAX:
+        raise ValueError(
+            f"PRETRAIN.LEARN_SIGMA needs PRETRAIN.SIGMA_MIN < PRETRAIN.SIGMA < PRETRAIN.SIGMA_MAX; got "
+            f"{cfg.PRETRAIN.SIGMA_MIN}, {cfg.PRETRAIN.SIGMA}, {cfg.PRETRAIN.SIGMA_MAX}"
+        )
     strategy = str(cfg.TRAINER.STRATEGY)
     if strategy not in STRATEGIES and not strategy.startswith(("ddp", "fsdp", "deepspeed")):
         raise ValueError(f"TRAINER.STRATEGY = {strategy!r} is not accepted; use one of: {', '.join(STRATEGIES)}")
     precision = str(cfg.TRAINER.PRECISION)
     if precision not in PRECISIONS:
         raise ValueError(f"TRAINER.PRECISION = {precision!r} is not accepted; use one of: {', '.join(PRECISIONS)}")
+
+
+def validate_window(cfg: CfgNode) -> None:
+    """PRETRAIN.WINDOW fits the records, ST-MEM's patches tile it, early stopping has held-out subjects."""
+    window, length = int(cfg.PRETRAIN.WINDOW), int(cfg.DATASET.INPUT_LENGTH)
+    if window > length:
+        raise ValueError(
+            f"PRETRAIN.WINDOW = {window} is longer than the records (DATASET.INPUT_LENGTH {length}); use 0 (whole "
+            f"records) or 1..{length} samples"
+        )
+    model_length = window or length
+    patch = int(cfg.MODEL.STMEM_PATCH_SIZE)
+    uses_patches = "patch_size" in MODELS[cfg.MODEL.NAME].options
+    if uses_patches and patch and (model_length % patch or model_length // patch < 2):
+        raise ValueError(
+            f"MODEL.STMEM_PATCH_SIZE = {patch} does not tile the model's input of {model_length} samples "
+            f"(PRETRAIN.WINDOW {window}, DATASET.INPUT_LENGTH {length}) into at least two patches; use a divisor of "
+            f"{model_length} or 0 (chosen from the input length)"
+        )
+    if cfg.PRETRAIN.EARLY_STOP_PATIENCE > 0 and cfg.PRETRAIN.VAL_FRACTION <= 0:
+        raise ValueError(
+            "PRETRAIN.EARLY_STOP_PATIENCE needs held-out subjects to watch; set PRETRAIN.VAL_FRACTION > 0 (e.g. 0.1) "
+            "or PRETRAIN.EARLY_STOP_PATIENCE 0"
+        )
 
 
 # (low, high, low exclusive, high exclusive); high None = no upper bound. Checked before any work starts.
@@ -495,8 +572,14 @@ RANGES = {
     "PRETRAIN.GATE_IMPORTANCE": (0.0, None, False, False),
     "PRETRAIN.GATE_BALANCE_KL": (0.0, None, False, False),
     "PRETRAIN.SUBSET_WEIGHT": (0.0, None, False, False),
+    "PRETRAIN.LEAD_DROPOUT": (0.0, 1.0, False, True),
+    "PRETRAIN.CORRUPT_PROB": (0.0, 1.0, False, False),
+    "PRETRAIN.SIGMA_MIN": (0.0, None, True, False),
+    "PRETRAIN.SIGMA_MAX": (0.0, None, True, False),
     "MODEL.GATE_TOP_K": (0, None, False, False),
     "PRETRAIN.CAPACITY_MAX": (0.0, None, False, False),
+    "PRETRAIN.WINDOW": (0, None, False, False),
+    "PRETRAIN.EARLY_STOP_PATIENCE": (0, None, False, False),
     "FINETUNE.EPOCHS": (1, None, False, False),
     "FINETUNE.SUPERVISED_EPOCHS": (0, None, False, False),
     "FINETUNE.BATCH_SIZE": (1, None, False, False),

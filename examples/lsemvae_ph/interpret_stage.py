@@ -42,6 +42,7 @@ from kale_ext.interpret.figures import (
 )
 from kale_ext.interpret.gates import compute_gate_weights, gate_weight_table
 from kale_ext.interpret.waves import detect_r_peaks, time_fraction, wave_attribution_table, wave_labels, wave_shares
+from kale_ext.utils.console import interactive
 
 logger = logging.getLogger("lsemvae_ph.interpret")
 
@@ -135,7 +136,8 @@ def run_interpret(cfg: CfgNode) -> Path:
     importance, ablation, gate_tables, wave_rows, fractions = [], [], [], [], []
     candidates, deltas, n_interpreted = [], [], 0
     fold_ids = sorted(folds["fold"].unique())
-    for fold in tqdm(fold_ids, desc="interpret folds", disable=not cfg.TRAINER.get("PROGRESS_BAR", True)):
+    bars = bool(cfg.TRAINER.get("PROGRESS_BAR", True)) and interactive()  # no bar redraws in a redirected log
+    for fold in tqdm(fold_ids, desc="interpret folds", disable=not bars):
         held_out = np.flatnonzero(folds["fold"].to_numpy() == fold)
         idx = _draw(held_out, labels, int(_opt(cfg, "MAX_RECORDS")), int(_opt(cfg, "SEED")) + int(fold))
         x, mask = _stack(dataset, idx)
@@ -155,7 +157,9 @@ def run_interpret(cfg: CfgNode) -> Path:
         importance.append(lead_importance_table(ratio, leads, y, np.full(len(idx), fold)))
         ablation.append(lead_ablation(model, x, y, leads, mask, fold=int(fold)))
         if vae is not None:
-            gates = compute_gate_weights(vae, x, leads, mask)
+            # A model pre-trained on windows sees every window of a record, as its fold classifier's extractor does.
+            model_window = getattr(getattr(model, "extractor", None), "window", 0)
+            gates = compute_gate_weights(vae, x, leads, mask, window=model_window)
             gate_tables.append(gate_weight_table(gates, y, np.full(len(idx), fold)))
         a = attr.attributions.numpy()
         for i in range(len(idx)):
@@ -181,6 +185,14 @@ def run_interpret(cfg: CfgNode) -> Path:
                     )
                 )
         n_interpreted += len(idx)
+
+    from layout import RunLayout  # the run's names (endpoint, classes) and its headline AUROC
+    from stages import chance_caveat, class_names
+
+    run = RunLayout.from_cfg(cfg)
+    names, caveat = class_names(run), chance_caveat(run.out)
+    if caveat:
+        logger.warning("%s", caveat)
 
     importance_by_fold = pd.concat(importance, ignore_index=True)
     importance_by_fold.to_csv(out / "lead_importance_by_fold.csv", index=False)
@@ -212,23 +224,29 @@ def run_interpret(cfg: CfgNode) -> Path:
     waves.to_csv(out / "wave_attribution.csv", index=False)
 
     tag = " [synthetic data]" if synthetic else ""
+    task = f"{run.task}: "
     full_auroc = float(ablation_summary["auroc_full_mean"].iloc[0]) if len(ablation_summary) else float("nan")
     per_class = summarise_over_folds(importance_by_fold, ["lead", "class"], ["ratio", "share"])
     figures = [
         plot_lead_importance(
             per_class,
             out / "lead_importance.png",
-            title=f"Lead importance by class (IG share; mean \u00b1 std over folds){tag}",
+            title=f"{task}lead importance by class (IG share; mean \u00b1 std over folds){tag}",
+            class_names=names,
+            caveat=caveat,
         ),
         plot_lead_ablation(
             ablation_summary,
             out / "lead_ablation.png",
-            title=f"AUROC drop with the lead masked out (all leads: {full_auroc:.3f}; mean \u00b1 std over folds){tag}",
+            title=f"{task}AUROC drop with the lead masked out (fold AUROC mean with all leads {full_auroc:.3f}; "
+            f"drops mean \u00b1 std over folds){tag}",
+            caveat=caveat,
         ),
         plot_wave_attribution(
             waves,
             out / "wave_attribution.png",
-            title=f"Attribution by wave window (template windows around R peaks){tag}",
+            title=f"{task}attribution by wave window (template windows around R peaks){tag}",
+            caveat=caveat,
         ),
     ]
     if gate_summary is not None:
@@ -238,7 +256,9 @@ def run_interpret(cfg: CfgNode) -> Path:
             plot_gate_weights(
                 gate_plot,
                 out / "gate_weights.png",
-                title=f"Fusion weights of the pre-trained model ({kind}; mean \u00b1 std over folds){tag}",
+                title=f"{task}fusion weights of the pre-trained model ({kind}; mean \u00b1 std over folds){tag}",
+                class_names=names,
+                caveat=caveat,
             )
         )
 
@@ -251,8 +271,8 @@ def run_interpret(cfg: CfgNode) -> Path:
             label, _, fold, signals, attributions, present, ratios, row, prob1 = cand
             subject = subject_ids[row]
             title = (
-                f"subject {subject} (record {record_ids[row]}, fold {fold}) | label {label} | "
-                f"predicted P(class 1) = {prob1:.2f}{tag}"
+                f"{task}subject {subject} (record {record_ids[row]}, fold {fold}) | label: {names[int(label)]} | "
+                f"predicted P({names[1]}) = {prob1:.2f}{tag}"
             )
             figures.append(
                 plot_attribution_ecg(
@@ -266,6 +286,8 @@ def run_interpret(cfg: CfgNode) -> Path:
                     threshold=threshold,
                     smooth=smooth,
                     ratios=ratios,
+                    amplitude_unit="z-score (per lead, as the model sees it)",
+                    caveat=caveat,
                 )
             )
 
@@ -281,6 +303,9 @@ def run_interpret(cfg: CfgNode) -> Path:
         "threshold": threshold,
         "smooth_samples": smooth,
         "class": "true label",
+        "task": run.task,
+        "class_names": {str(k): v for k, v in names.items()},
+        "caveat": caveat,
         "median_abs_convergence_delta": float(np.median(np.concatenate(deltas))) if deltas else None,
         "top_lead_by_share": lead_summary.sort_values("share_mean", ascending=False)["lead"].iloc[0],
         "top_lead_by_ablation": ablation_summary["lead"].iloc[0] if len(ablation_summary) else None,

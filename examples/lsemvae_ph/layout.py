@@ -146,6 +146,17 @@ class RunLayout:
         return self.cfg.FINETUNE.FEATURES if self.cfg.FINETUNE.FEATURES in offered else offered[0]
 
     @property
+    def window(self) -> int:
+        """Samples per window of the run's latent model (``PRETRAIN.WINDOW``), 0 = whole records.
+
+        Models trained end to end on labels take whole records; a window as long as the records is whole records.
+        """
+        window = int(self.cfg.PRETRAIN.WINDOW)
+        if self.spec.end_to_end or window >= int(self.cfg.DATASET.INPUT_LENGTH):
+            return 0
+        return window
+
+    @property
     def method_label(self) -> str:
         """Method name shown in results: ``OUTPUT.METHOD_LABEL``, or the registry label plus ablation flags."""
         cfg = self.cfg
@@ -168,12 +179,15 @@ class RunLayout:
             options["widths"] = [int(w) for w in cfg.MODEL.BASELINE_WIDTHS]
         # Only non-default values are recorded, so records of earlier runs rebuild the same model.
         defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto",
-                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0}  # fmt: skip
+                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0, "lead_dropout": 0.0}  # fmt: skip
+        if "lead_dropout" in self.spec.options:  # a training setting that the model applies (training mode only)
+            options["lead_dropout"] = float(cfg.PRETRAIN.LEAD_DROPOUT)
         options = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
         return {
             "name": cfg.MODEL.NAME,
             "lead_names": list(leads),
-            "input_dim": int(cfg.DATASET.INPUT_LENGTH),
+            # A windowed model (PRETRAIN.WINDOW) is built for windows; ST-MEM's patch size follows its input length.
+            "input_dim": self.window or int(cfg.DATASET.INPUT_LENGTH),
             "latent_dim": int(cfg.MODEL.LATENT_DIM),
             **options,
         }

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +35,8 @@ from config import STAGES, get_cfg_defaults, load_cfg  # noqa: E402, F401 - get_
 from layout import SYNTHETIC_NOTE, RunLayout  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from kale_ext.utils.console import TqdmLoggingHandler  # noqa: E402
+from kale_ext.evaluate.reports import format_headline  # noqa: E402
+from kale_ext.utils.console import TqdmLoggingHandler, quiet_lightning  # noqa: E402
 from kale_ext.utils.distributed import global_rank  # noqa: E402
 from kale_ext.utils.files import file_lock  # noqa: E402
 
@@ -84,6 +86,20 @@ def check_ready(layout: RunLayout, stage: str) -> None:
         need([p for p in (done, layout.folds) if not p.is_file()], "finetune")
 
 
+HELP_EPILOG = """\
+configuration overrides:
+  Words after the options are KEY VALUE pairs that override the config files, e.g.
+    %(prog)s --cfg 6L.yaml --cfg quick.yaml PRETRAIN.EPOCHS 5 OUTPUT.DIR outputs/try TASK.LABEL LVH
+  Every key, its default and a comment saying what it does are in examples/lsemvae_ph/config.py; the
+  config files (6L.yaml, 12L.yaml, quick.yaml, tasks, ablations, baselines) are in configs/.
+
+data:
+  With DATASET.FINETUNE_SOURCE empty the run uses a generated synthetic cohort (a pipeline check, not a
+  clinical result). Real data: DATASET.FINETUNE_SOURCE <records>, DATASET.LABELS_CSV <labels.csv>,
+  optionally DATASET.PRETRAIN_SOURCE <archive>; layouts in examples/lsemvae_ph/README.md.
+"""
+
+
 def setup_logging(run: RunLayout) -> None:
     """Log to the console and to <OUTPUT.DIR>/run.log; the first line says whether the data are synthetic."""
     run.out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +113,17 @@ def setup_logging(run: RunLayout) -> None:
         handler._lsemvae = True
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    quiet_lightning()  # Lightning's hardware note once per process, no tips
+    # Lightning's advice for tiny epochs; the few-steps warning of the stages says what matters in the run's numbers
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     d = run.cfg.DATASET
     src = f"data: fine-tuning {d.FINETUNE_SOURCE}, labels {d.LABELS_CSV}, pre-training {d.PRETRAIN_SOURCE or '='}"
     logger.info(SYNTHETIC_NOTE if run.synthetic else src)
+    env = stages.environment()
+    logger.info("kale_ext %s, torch %s, %d CPU threads, device %s (CPU results repeat bit for bit at the same "
+                "thread count; set OMP_NUM_THREADS to fix it)", env["code"], env["torch"], env["cpu_threads"],
+                env["device"])  # fmt: skip
 
 
 def run(cfg: CfgNode, stage: str = "all") -> dict | None:
@@ -158,10 +182,15 @@ def _run_stages(layout: RunLayout, stage: str) -> dict | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line: --cfg (repeatable) and --stage anywhere, the other words are KEY VALUE overrides."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], usage="%(prog)s [--cfg CFG ...] [--stage STAGE] [KEY VALUE ...]"
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [--cfg CFG ...] [--stage STAGE] [KEY VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HELP_EPILOG,
     )
-    parser.add_argument("--cfg", action="append", default=[], help="config path or name in configs/ (repeatable)")
-    parser.add_argument("--stage", default="all", help=f"one of: {', '.join(STAGES)}")
+    parser.add_argument(
+        "--cfg", action="append", default=[], help="config path or name in configs/ (repeatable; later files win)"
+    )
+    parser.add_argument("--stage", default="all", help=f"one of: {', '.join(STAGES)} (default: all)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, rest = parser.parse_known_args(argv)
     unknown = [word for word in rest if word.startswith("--")]
@@ -213,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
     if summary is not None:
         layout = RunLayout.from_cfg(cfg)
-        auroc, tag = summary["auroc"], " [SYNTHETIC DATA]" if layout.synthetic else ""
+        tag = " [SYNTHETIC DATA]" if layout.synthetic else ""
         print(
-            f"{layout.method_label} {cfg.DATASET.LEADS}{tag}: AUROC {auroc['mean']:.3f} +- {auroc['std']:.3f} "
-            f"(95% CI {auroc['ci95'][0]:.3f}-{auroc['ci95'][1]:.3f}); accuracy {summary['accuracy']['mean']:.3f}, "
-            f"MCC {summary['mcc']['mean']:.3f}; {time.time() - start:.0f} s; outputs in {layout.out}"
+            f"{layout.task}, {layout.method_label} {cfg.DATASET.LEADS}{tag}: {format_headline(summary['headline'])}; "
+            f"accuracy {summary['accuracy']['mean']:.3f}, MCC {summary['mcc']['mean']:.3f} (fold means); "
+            f"{time.time() - start:.0f} s; outputs in {layout.out}"
         )
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from kale_ext.embed.zoo import build_from_args
 from kale_ext.evaluate.aggregate import per_fold_metrics, subject_level
 from kale_ext.evaluate.cross_validation import make_folds
 from kale_ext.evaluate.reports import (
+    format_headline,
+    headline_auroc,
     plot_roc,
     predictions_frame,
     results_row,
@@ -33,6 +36,7 @@ from kale_ext.evaluate.reports import (
     write_predictions_csv,
     write_results_table,
 )
+from kale_ext.evaluate.training_curves import plot_training_curves, read_training_logs
 from kale_ext.loaddata.diagnosis_labels import (
     ValueRule,
     column_values,
@@ -49,17 +53,52 @@ from kale_ext.loaddata.source_sets import combine_sources, split_sources
 from kale_ext.loaddata.synthetic import write_synthetic_archive, write_synthetic_cohort
 from kale_ext.loaddata.wfdb_sources import list_records
 from kale_ext.pipeline import artifacts
+from kale_ext.pipeline.epoch_log import EpochLogLine
 from kale_ext.pipeline.finetune import FinetuneSettings, cross_validate, extract_features, feature_dataset
 from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.pipeline.scoring import score_records
 from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
+from kale_ext.prepdata.corruption import LeadCorruption
 from kale_ext.prepdata.ecg_cache import cache_matches, prepare_ecg_cache
+from kale_ext.utils.console import interactive
 from kale_ext.utils.distributed import global_rank, wait_for
 from kale_ext.utils.files import atomic_save_npy, atomic_write_text, file_digest, short_hash
 from kale_ext.utils.stage_marker import stage_status, write_fingerprint
 
 logger = logging.getLogger("lsemvae_ph")
+#: Fewer optimiser steps than this in a training run draw a warning: too few for a model to learn much.
+MIN_OPTIMISER_STEPS = 200
+
+
+def show_bars(run: RunLayout) -> bool:
+    """Progress bars only when TRAINER.PROGRESS_BAR is on and the output is a terminal (a log file gets lines)."""
+    return bool(run.cfg.TRAINER.PROGRESS_BAR) and interactive()
+
+
+def warn_if_few_steps(what: str, n_records: int, batch_size: int, epochs: int, drop_last: bool, hint: str) -> int:
+    """Log a warning when ``epochs`` passes over ``n_records`` in batches give fewer than MIN_OPTIMISER_STEPS steps.
+
+    Args:
+        what: the training run, in words (``"pre-training"``, ``"fine-tuning (per fold)"``).
+        n_records: training records per pass.
+        batch_size: records per optimiser step.
+        epochs: passes.
+        drop_last: whether a short last batch is dropped (no step) or kept (a step).
+        hint: the config keys that raise the count.
+
+    Returns:
+        The number of optimiser steps.
+    """
+    per_epoch = n_records // batch_size if drop_last else math.ceil(n_records / batch_size)
+    steps = max(per_epoch, 0) * epochs
+    if steps < MIN_OPTIMISER_STEPS:
+        logger.warning(
+            "%s will take only %d optimiser steps (%d records / batch size %d = %d steps per epoch x %d epochs), "
+            "fewer than %d: the model may learn little; raise %s", what, steps, n_records, batch_size, per_epoch,
+            epochs, MIN_OPTIMISER_STEPS, hint,
+        )  # fmt: skip
+    return steps
 
 
 def _device() -> str:
@@ -143,7 +182,8 @@ def reuse_or_retire(folder: Path, fingerprint: dict, done_file: str, keep: bool,
     return False
 
 
-ROOT_OUTPUTS = ("metrics.json", "predictions.csv", "results.md", "results.csv", "roc.png", "README.md")
+ROOT_OUTPUTS = ("metrics.json", "predictions.csv", "results.md", "results.csv", "roc.png", "training_curves.png",
+                "README.md")  # fmt: skip
 OUTPUTS_RECORD = "outputs.json"  # which fine-tuned models the root outputs were computed from, with file digests
 
 
@@ -222,7 +262,7 @@ def _build_cache(run: RunLayout, source, out_dir: Path, leads: tuple[str, ...], 
     workers = run.cfg.DATASET.PREPARE_WORKERS if run.cfg.DATASET.PREPARE_WORKERS > 0 else None
     report = prepare_ecg_cache(
         source, out_dir, spec=spec, leads=list(leads), num_workers=workers,
-        progress=run.cfg.TRAINER.PROGRESS_BAR, overwrite=bool(match),
+        progress=show_bars(run), overwrite=bool(match),
     )  # fmt: skip
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.qc_counts.items()))
     logger.info("cache %s: %d of %d records written, %d skipped (%s); quality control: %s", out_dir,
@@ -435,8 +475,9 @@ def pretrain_settings(run: RunLayout) -> PretrainSettings:
         val_fraction=p.VAL_FRACTION, seed=run.cfg.SEED, num_workers=run.cfg.DATASET.NUM_WORKERS,
         accelerator=t.ACCELERATOR, devices=t.DEVICES if t.DEVICES != 0 else "auto", num_nodes=t.NUM_NODES,
         strategy=t.STRATEGY, precision=t.PRECISION, log_every_n_steps=t.LOG_EVERY_N_STEPS,
-        progress_bar=t.PROGRESS_BAR, resume=p.RESUME, compile=p.COMPILE, loader=p.LOADER,
-        resident={"auto": "auto", "always": True, "never": False}[p.RESIDENT],
+        progress_bar=show_bars(run), resume=p.RESUME, compile=p.COMPILE, loader=p.LOADER,
+        resident={"auto": "auto", "always": True, "never": False}[p.RESIDENT], window=run.window,
+        early_stop_patience=p.EARLY_STOP_PATIENCE,
     )  # fmt: skip
 
 
@@ -448,8 +489,15 @@ def make_objective(run: RunLayout):
         name, beta=p.BETA, beta_warmup_epochs=p.BETA_WARMUP_EPOCHS, gamma=p.GAMMA, recon_reduction=p.RECON,
         sigma=p.SIGMA, gate_importance=p.GATE_IMPORTANCE, gate_balance_kl=p.GATE_BALANCE_KL,
         subset_terms=p.SUBSET_TERMS, subset_weight=p.SUBSET_WEIGHT, capacity_gamma=p.CAPACITY_GAMMA,
-        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS,
+        c_max=p.CAPACITY_MAX, warmup_epochs=p.BETA_WARMUP_EPOCHS, learn_sigma=p.LEARN_SIGMA,
+        num_leads=len(run.pretrain_leads), sigma_min=p.SIGMA_MIN, sigma_max=p.SIGMA_MAX,
     )  # fmt: skip
+
+
+def make_augment(run: RunLayout) -> LeadCorruption | None:
+    """The corruption augmentation of the training batches (PRETRAIN.CORRUPT_PROB > 0), else None."""
+    p = run.cfg.PRETRAIN
+    return LeadCorruption(p.CORRUPT_PROB, list(p.CORRUPT_KINDS)) if p.CORRUPT_PROB > 0 else None
 
 
 def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
@@ -486,9 +534,15 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
     args = run.build_args(run.pretrain_leads)
     model = build_from_args(**args)
     logger.info("pre-training %s (%d parameters) on %d records", args["name"], model.num_parameters(), len(dataset))
+    settings = pretrain_settings(run)
+    n_train = len(dataset) - int(round(len(dataset) * settings.val_fraction))  # the validation subjects are held out
+    # Both loaders keep the short last batch (kale_ext.pipeline.pretrain.ECGPretrainDataModule): it is a step.
+    warn_if_few_steps("pre-training", n_train, settings.batch_size, settings.epochs, False,
+                      "PRETRAIN.EPOCHS, lower PRETRAIN.BATCH_SIZE or give more records")  # fmt: skip
+    lines = [] if settings.progress_bar else [EpochLogLine("pre-training")]  # a line per epoch instead of a bar
     result = run_pretraining(
-        model, make_objective(run), dataset, run.pretrain_dir, pretrain_settings(run), build_args=args,
-        leads=run.pretrain_leads, callbacks=list(callbacks),
+        model, make_objective(run), dataset, run.pretrain_dir, settings, build_args=args,
+        leads=run.pretrain_leads, callbacks=[*lines, *callbacks], augment=make_augment(run),
     )  # fmt: skip
     return result.is_global_zero
 
@@ -505,7 +559,7 @@ def finetune_settings(run: RunLayout) -> FinetuneSettings:
         epochs=epochs, batch_size=f.BATCH_SIZE, lr=f.LR, weight_decay=f.WEIGHT_DECAY, optimizer=f.OPTIMIZER,
         loss=f.LOSS, focal_gamma=f.FOCAL_GAMMA, focal_alpha=None if f.FOCAL_ALPHA < 0 else f.FOCAL_ALPHA,
         threshold=threshold, hidden_dim=f.HIDDEN_DIM, dropout=f.DROPOUT, seed=run.cfg.SEED, device=_device(),
-        progress=run.cfg.TRAINER.PROGRESS_BAR,
+        progress=show_bars(run),
     )  # fmt: skip
 
 
@@ -560,6 +614,10 @@ def stage_finetune(run: RunLayout) -> None:
         folds = table_folds(run, dataset.record_ids if by_record else dataset.subject_ids)
     else:
         folds = make_folds(labels, groups=dataset.subject_ids, n_splits=run.cfg.EVAL.N_SPLITS, seed=run.cfg.EVAL.SEED)
+    n_train = len(labels) - int(pd.Series(np.asarray(folds)).value_counts().max())  # the smallest training part
+    warn_if_few_steps("fine-tuning (per fold)", n_train, settings.batch_size, settings.epochs, False,
+                      "FINETUNE.EPOCHS (FINETUNE.SUPERVISED_EPOCHS for end-to-end models) or lower "
+                      "FINETUNE.BATCH_SIZE")  # fmt: skip
     hidden, dropout = settings.hidden_dim, settings.dropout
     if run.spec.end_to_end:
         bad = np.zeros(len(dataset), dtype=bool)
@@ -572,8 +630,9 @@ def stage_finetune(run: RunLayout) -> None:
     else:
         vae = artifacts.load_model(run.pretrain_dir, device=settings.device)
         logger.info("computing frozen %s features of %d records once (sliced per fold)", run.features, len(dataset))
-        extractor = LatentFeatureExtractor(vae, run.leads, run.features)
-        batch, bar = run.cfg.FINETUNE.FEATURE_BATCH_SIZE, run.cfg.TRAINER.PROGRESS_BAR
+        pooling = run.cfg.FINETUNE.WINDOW_POOLING
+        extractor = LatentFeatureExtractor(vae, run.leads, run.features, window=run.window, pooling=pooling)
+        batch, bar = run.cfg.FINETUNE.FEATURE_BATCH_SIZE, show_bars(run)
         features = extract_features(extractor, dataset, batch, settings.device, bar)
         refuse_nonfinite(run, dataset, ~np.isfinite(features).all(axis=1), "frozen features")
         atomic_save_npy(out / "features.npy", features)
@@ -585,6 +644,8 @@ def stage_finetune(run: RunLayout) -> None:
             run.features,
             features.shape[1],
             run.pretrain_dir,
+            window=run.window,
+            window_pooling=pooling,
         )
         data, make = feature_dataset(features, labels), artifacts.head_factory(info)
 
@@ -609,6 +670,12 @@ def stage_finetune(run: RunLayout) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    """What CPU results depend on beyond config and seed: same code, torch version and thread count = same bits."""
+    return {"code": kale_ext.__version__, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "device": _device()}  # fmt: skip
+
+
 def stage_evaluate(run: RunLayout) -> dict:
     """Metrics per fold, mean +- std, bootstrap CI; metrics.json, predictions.csv, results.md, results.csv, roc.png."""
     oof_path = run.finetune_dir / "oof.csv"
@@ -625,47 +692,67 @@ def stage_evaluate(run: RunLayout) -> dict:
     fold_ids, thr = subjects["fold"].to_numpy(), subjects["threshold"].to_numpy()
     fold_metrics = per_fold_metrics(subjects)
     summary = summary_with_ci(fold_metrics, y, p, thr, n_boot=run.cfg.EVAL.N_BOOT, seed=run.cfg.SEED)
+    headline = headline_auroc(summary, y)
     method, tag = run.method_label, lead_tag(run.leads)
     extra = {"note": SYNTHETIC_NOTE} if run.synthetic else {}
     write_metrics_json(
         run.out / "metrics.json", synthetic=run.synthetic, task=run.task, method=method, leads=run.leads,
-        folds=fold_metrics, summary=summary, n_subjects=int(len(subjects)), **extra,
+        folds=fold_metrics, summary=summary, n_subjects=int(len(subjects)), headline=headline,
+        positive_class=positive_class(run), environment=environment(), **extra,
     )  # fmt: skip
     table = predictions_frame(subjects["subject_id"], y, p, fold_ids, thr, record_ids=subjects["record_id"])
     table["synthetic"] = run.synthetic
     write_predictions_csv(run.out / "predictions.csv", table)
     title = f"{run.task}: {method}, {tag}"
     rows = [results_row(method, tag, summary)]
-    write_results_table(rows, run.out / "results.md", run.out / "results.csv", title=title, synthetic=run.synthetic)
-    plot_roc(y, p, fold_ids, run.out / "roc.png", title=("[synthetic] " if run.synthetic else "") + title)
-    write_output_readme(run, summary)
+    cohort = (
+        f"n = {headline['n']} subjects, {headline['n_positive']} positive ({positive_class(run)}) / "
+        f"{headline['n_negative']} negative; {run.cfg.EVAL.N_SPLITS}-fold cross-validation, "
+        f"{run.cfg.EVAL.N_BOOT} bootstrap resamples"
+    )
+    lines = [f"**Headline: {format_headline(headline)}**", "", f"Cohort: {cohort}."]
+    write_results_table(rows, run.out / "results.md", run.out / "results.csv", title=title, synthetic=run.synthetic,
+                        extra_lines=lines)  # fmt: skip
+    plot_roc(y, p, fold_ids, run.out / "roc.png", title=("[synthetic] " if run.synthetic else "") + title,
+             ci95=headline["ci95"])  # fmt: skip
+    logs = read_training_logs(None if run.spec.end_to_end else run.pretrain_dir, run.finetune_dir)
+    plot_training_curves(logs, run.out / "training_curves.png", title=("[synthetic] " if run.synthetic else "")
+                         + f"{title}: training curves")  # fmt: skip
+    write_output_readme(run, summary, headline)
     files = {name: file_digest(run.out / name) for name in ROOT_OUTPUTS if (run.out / name).exists()}
     record = {"finetune": short_hash(finetune_fingerprint(run)), "files": files}
-    atomic_write_text(run.out / OUTPUTS_RECORD, json.dumps(record, indent=2))
-    return summary
+    atomic_write_text(run.out / OUTPUTS_RECORD, json.dumps(record, indent=2))  # last: the outputs are complete
+    return {**summary, "headline": headline}
 
 
-def write_output_readme(run: RunLayout, summary: dict) -> None:
+def write_output_readme(run: RunLayout, summary: dict, headline: dict | None = None) -> None:
     """``OUTPUT.DIR/README.md``: what each output is, whether the data are synthetic, the headline metrics."""
-    lines = [f"# Outputs of {run.method_label}, {run.cfg.DATASET.LEADS}, task {run.cfg.TASK.NAME}", ""]
+    lines = [f"# Outputs of {run.method_label}, {run.cfg.DATASET.LEADS}, task {run.task}", ""]
     if run.synthetic:
         lines += [f"**{SYNTHETIC_NOTE}**", ""]
+    lines += [f"Endpoint: {run.task}; positive class: {positive_class(run)}.", ""]
+    if headline is not None:
+        lines += [f"Headline: {format_headline(headline)}.", ""]
     lines += [
         "- `config.yaml`: the merged configuration",
         "- `metrics.json`: per-fold metrics and mean/std/bootstrap 95% CI",
         "- `predictions.csv`: out-of-fold probability per subject (`synthetic` column says whether data are generated)",
-        "- `results.md` / `results.csv`: Table-2-style row; `roc.png`: ROC curves per fold and pooled",
+        "- `results.md` / `results.csv`: headline, cohort and Table-2-style row; `roc.png`: ROC curves per fold and "
+        "pooled; `training_curves.png`: pre-training loss terms and gate weights per epoch, fine-tuning loss per fold",
         "- `pretrain/`: pre-trained model (`model.pt`, `model_args.json`), checkpoints, TensorBoard/CSV logs",
         "- `finetune/`: fold models, features, out-of-fold predictions, per-fold logs; `folds.csv`: fold and "
         "threshold per record",
         "",
-        "| metric | mean | std | 95% CI |",
-        "| --- | --- | --- | --- |",
+        "| metric | pooled out-of-fold | 95% CI (bootstrap, pooled) | fold mean | fold std |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name in ("accuracy", "auroc", "mcc"):
         e = summary.get(name)
         if e:
-            lines.append(f"| {name} | {e['mean']:.3f} | {e['std']:.3f} | [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] |")
+            pooled = "n/a" if e.get("pooled") is None else f"{e['pooled']:.3f}"
+            lines.append(
+                f"| {name} | {pooled} | [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | {e['mean']:.3f} | {e['std']:.3f} |"
+            )
     (run.out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -682,7 +769,40 @@ def positive_class(run: RunLayout) -> str:
         "phenotype": f"{task.PAWP_COLUMN} > {task.PAWP_THRESHOLD:g} mmHg among {task.MPAP_COLUMN} > "
         f"{task.MPAP_THRESHOLD:g} mmHg (post-capillary PH)",
         "pawp": f"{task.PAWP_COLUMN} > {task.PAWP_THRESHOLD:g} mmHg (elevated PAWP)",
-    }[task.NAME]
+        "statement": f"{task.LABEL} stated in the record's labels",
+    }.get(task.NAME, f"{run.task} = 1")
+
+
+def class_names(run: RunLayout) -> dict[int, str]:
+    """Names of the label values 0 and 1 for figures and tables (``{0: "no LVH", 1: "LVH"}``), never bare 0/1."""
+    cfg, task = run.cfg, run.cfg.TASK
+    name = task.LABEL or cfg.DATASET.LABEL_COLUMN
+    if name:
+        return {0: f"no {name}", 1: name}
+    mpap, pawp = f"{task.MPAP_COLUMN} {{}} {task.MPAP_THRESHOLD:g}", f"{task.PAWP_COLUMN} {{}} {task.PAWP_THRESHOLD:g}"
+    return {
+        "ph": {0: f"no PH ({mpap.format('<=')})", 1: f"PH ({mpap.format('>')})"},
+        "phenotype": {0: f"pre-capillary PH ({pawp.format('<=')})", 1: f"post-capillary PH ({pawp.format('>')})"},
+        "pawp": {0: f"normal PAWP ({pawp.format('<=')})", 1: f"elevated PAWP ({pawp.format('>')})"},
+    }.get(task.NAME, {0: f"no {run.task}", 1: run.task})
+
+
+def chance_caveat(out_dir: Path) -> str | None:
+    """A caveat for interpretation figures when the run's headline AUROC interval (metrics.json) includes 0.5."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        return "no metrics.json in this run: run --stage evaluate to see whether the model beats chance"
+    headline = json.loads(path.read_text(encoding="utf-8")).get("headline") or {}
+    lo, hi = headline.get("ci95") or (None, None)
+    if lo is None or hi is None:
+        return "the model's AUROC interval is unknown (metrics.json has no headline): it may not beat chance"
+    if lo <= 0.5 <= hi:
+        return (
+            f"Caveat: the model's {headline.get('name', 'AUROC')} is {headline.get('value', float('nan')):.3f} with "
+            f"95% CI {lo:.3f}-{hi:.3f}, which includes 0.5 (chance): these attributions explain a model that is not "
+            "shown to beat chance; do not read them as findings about the ECG."
+        )
+    return None
 
 
 def stage_predict(run: RunLayout) -> pd.DataFrame:
@@ -705,7 +825,7 @@ def stage_predict(run: RunLayout) -> pd.DataFrame:
     cache = run.predict_dir / f"cache_{run.preprocess.fingerprint()}"
     prepare_ecg_cache(
         cfg.PREDICT.SOURCE, cache, spec=run.preprocess, leads=list(run.leads), num_workers=1,
-        progress=cfg.TRAINER.PROGRESS_BAR, overwrite=True,
+        progress=show_bars(run), overwrite=True,
     )  # fmt: skip
     qc = pd.read_csv(cache / "qc.csv", dtype=str, keep_default_na=False)
     has_records = (cache / "signals.npy").exists() and len(pd.read_csv(cache / "index.csv")) > 0

@@ -6,23 +6,27 @@ Relationship of Electrocardiogram" (ICLR 2024); no code was copied.
 Model:
 
 - Each lead of ``x`` (B, C, T = ``input_dim``) is cut into ``N = input_dim / patch_size`` non-overlapping patches
-  (published: 75 samples at 250 Hz, 2250 samples, 30 patches per lead). One linear patch embedding is shared by all
-  leads.
-- Every patch token gets a learned temporal positional embedding (one per patch position, shared across leads) and a
-  learned embedding of its lead. Each lead's run of tokens is delimited by a learned SEP token at its start and its
-  end, with positional slots 0 and N + 1 and the lead's embedding, so a lead contributes N + 2 tokens.
+  (published: 75 samples at 250 Hz, 2250 samples, 30 patches per lead). One patch embedding is shared by all
+  leads: a Linear layer (default) or LayerNorm -> Linear -> LayerNorm (``patch_norm=True``, published).
+- Every patch token gets a temporal positional embedding (one per patch position, shared across leads; learned by
+  default, fixed sine-cosine with ``pos_embedding="sincos"`` as published) and a learned embedding of its lead.
+  Each lead's run of tokens is delimited by a learned SEP token at its start and its end, with positional slots 0
+  and N + 1 and the lead's embedding, so a lead contributes N + 2 tokens.
 - A ViT encoder (pre-norm transformer blocks, attention by ``torch.nn.functional.scaled_dot_product_attention``,
   a final LayerNorm) sees the tokens of all present leads at once.
-- Pre-training: in each lead independently, ``round((1 - mask_ratio) * N)`` random patches are kept (mask ratio
-  0.75). The encoder sees the kept patches and the SEP tokens only. A lead-wise decoder (a narrower transformer run on
-  each lead's tokens separately, with mask tokens in the hidden slots) predicts every patch; the loss is the MSE on
-  the hidden patches only, against targets normalised per patch (:func:`masked_patch_mse`).
-- Fine-tuning features (:meth:`STMEM.features`): no masking; the mean of the encoder's output tokens (after the final
-  LayerNorm) over the patch tokens of the present leads, SEP tokens excluded: (B, width).
+- Pre-training: in each lead independently, :func:`kept_patches` random patches are kept (mask ratio 0.75:
+  ``round`` keeps 8 of 30 by default, ``keep_rounding="floor"`` keeps the published 7). The encoder sees the kept
+  patches and the SEP tokens only. A lead-wise decoder (a narrower transformer run on each lead's tokens
+  separately, with mask tokens in the hidden slots) predicts every patch; the loss is the MSE on the hidden patches
+  only, against targets normalised per patch (:func:`masked_patch_mse`).
+- Fine-tuning features (:meth:`STMEM.features`): no masking; the mean of the encoder's output tokens over the patch
+  tokens of the present leads, SEP tokens excluded: (B, width). By default each token passes the final LayerNorm
+  before the mean; ``pool="mean_then_norm"`` (published) applies the LayerNorm to the mean.
 
 Presets (:data:`ST_MEM_PRESETS`, :meth:`STMEM.from_preset`): ``"paper"`` is ViT-B (width 768, 12 blocks, 12 heads,
 MLP ratio 4) with a 256-wide, 4-block decoder; ``"small"`` (width 64, 3 blocks, 4 heads; decoder 32 wide, 2 blocks)
-trains on a CPU. Both default to 2250 samples in patches of 75.
+trains on a CPU; ``"published"`` is ``"paper"`` with every switch at the published choice (sin-cos positions,
+normalised patch embedding, 7 kept patches, mean then LayerNorm). All default to 2250 samples in patches of 75.
 
 Departures from the published model and code, and choices the paper leaves open (we did not read the authors'
 code; where this list names their behaviour it is what the paper describes or what the comparison brief reports):
@@ -38,8 +42,19 @@ code; where this list names their behaviour it is what the paper describes or wh
   one shared decoder knows which lead it reconstructs (our choice).
 - Target normalisation uses each target patch's mean and population variance (divide by ``patch_size``):
   ``(t - mean) / sqrt(var + eps)``.
-- The number of kept patches per lead is ``round((1 - mask_ratio) * N)`` with Python's rounding (half to even):
-  8 of 30 at ratio 0.75. Masks come from a ``torch.Generator`` when one is given; otherwise from the global torch RNG
+- Switchable departures, kept as defaults so that models pre-trained by earlier versions still load (their
+  records name ``preset`` "paper" or "small"); the ``"published"`` preset turns all four to the published choice:
+  learned instead of fixed sin-cos positions (``pos_embedding``); a plain Linear patch embedding instead of
+  LayerNorm -> Linear -> LayerNorm (``patch_norm``); ``round((1 - mask_ratio) * N)`` kept patches with Python's
+  rounding (8 of 30, an effective mask ratio of 0.733) instead of the published 7 (0.767) (``keep_rounding``);
+  LayerNorm then mean instead of mean then LayerNorm for the fine-tuning feature (``pool``).
+- Patches per lead at other lengths: the registry (:func:`kale_ext.embed.zoo.stmem_patch_size`) picks the divisor
+  of the input length closest to 30 patches: 30 x 75 at 2250 samples, but 25 x 200 at 5000 and 25 x 20 at 500
+  (30 does not divide them); we keep the data's length rather than resample to 250 Hz and crop to 9 s.
+- Standardisation: the signals arrive z-scored per lead (the shared cache of every model in the comparison), not
+  per record as published; per-record scaling keeps the amplitude ratios between leads, which per-lead scaling
+  removes. Not switchable inside the model (the per-lead scaling happens before it).
+- Masks come from a ``torch.Generator`` when one is given; otherwise from the global torch RNG
   in training mode, and from a fixed seed (``eval_mask_seed``) in eval mode so validation losses are repeatable.
 - No dropout or stochastic depth; no implicit crop or pad: ``input_dim`` must be a multiple of ``patch_size`` and
   inputs must have exactly ``input_dim`` samples (crop or resample them in prepdata first).
@@ -83,6 +98,43 @@ ST_MEM_PRESETS: dict[str, dict] = {
         "decoder_heads": 4,
     },
 }
+# "published": the "paper" sizes with every switch set to the published model's choice (fixed sin-cos positions,
+# LayerNorm -> Linear -> LayerNorm patch embedding, floor(0.25 x 30) = 7 kept patches, mean then LayerNorm).
+ST_MEM_PRESETS["published"] = {
+    **ST_MEM_PRESETS["paper"],
+    "pos_embedding": "sincos",
+    "patch_norm": True,
+    "keep_rounding": "floor",
+    "pool": "mean_then_norm",
+}
+
+POS_EMBEDDINGS = ("learned", "sincos")
+KEEP_ROUNDINGS = ("round", "floor")
+POOLS = ("norm_then_mean", "mean_then_norm")
+
+
+def kept_patches(patches: int, mask_ratio: float, rounding: str = "round") -> int:
+    """Patches per lead left visible at ``mask_ratio``: ``round`` or ``floor`` of ``(1 - mask_ratio) x patches``.
+
+    With 30 patches at ratio 0.75: ``"round"`` (half to even) keeps 8 (effective ratio 0.733), ``"floor"`` keeps 7
+    (0.767, the published model's count).
+    """
+    if rounding not in KEEP_ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r} is not accepted; use one of {KEEP_ROUNDINGS}")
+    value = (1.0 - mask_ratio) * patches
+    return int(round(value)) if rounding == "round" else int(value + 1e-9)
+
+
+def sincos_positions(positions: int, width: int) -> Tensor:
+    """Fixed 1-D sine-cosine positional embeddings (Vaswani et al. 2017, as in MAE): (positions, width).
+
+    The first half of the channels are sines, the second half cosines, of ``position / 10000^(2i / width)``.
+    """
+    if width % 2:
+        raise ValueError(f"sin-cos positions need an even width, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2.0))
+    angle = torch.arange(positions, dtype=torch.float64).unsqueeze(1) * omega.unsqueeze(0)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).float()
 
 
 def masked_patch_mse(
@@ -129,21 +181,23 @@ def random_patch_mask(
     mask_ratio: float,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    rounding: str = "round",
 ) -> Tensor:
-    """Hide patches at random, independently in every (sample, lead), keeping exactly ``round((1 - r) * patches)``.
+    """Hide patches at random, independently in every (sample, lead), keeping exactly :func:`kept_patches` of them.
 
     Args:
         batch: B. leads: C. patches: N per lead.
         mask_ratio: r in [0, 1).
         generator: source of randomness (on ``device``); None uses the global torch RNG.
         device: device of the result.
+        rounding: ``"round"`` or ``"floor"`` of ``(1 - r) * patches`` (see :func:`kept_patches`).
 
     Returns:
         (B, C, N) bool, True = hidden (masked out of the encoder, scored by the loss).
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}; 0 disables masking.")
-    keep = int(round((1.0 - mask_ratio) * patches))
+    keep = kept_patches(patches, mask_ratio, rounding)
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {patches}; lower it or use shorter patches.")
     noise = torch.rand(batch, leads, patches, generator=generator, device=device)
@@ -222,6 +276,12 @@ class STMEM(nn.Module):
         norm_target: normalise target patches per patch in the loss.
         eps: variance epsilon of the target normalisation.
         eval_mask_seed: seed of the masks drawn in eval mode without a generator.
+        pos_embedding: ``"learned"`` positional embeddings (ours) or fixed ``"sincos"`` (published), encoder and
+            decoder.
+        patch_norm: patch embedding LayerNorm -> Linear -> LayerNorm (published) instead of a plain Linear.
+        keep_rounding: kept patches per lead, ``"round"`` (ours: 8 of 30) or ``"floor"`` (published: 7 of 30).
+        pool: fine-tuning feature: ``"norm_then_mean"`` (ours: mean of the final-LayerNorm tokens) or
+            ``"mean_then_norm"`` (published: the final LayerNorm of the mean token).
     """
 
     def __init__(
@@ -240,8 +300,20 @@ class STMEM(nn.Module):
         norm_target: bool = True,
         eps: float = 1e-6,
         eval_mask_seed: int = 0,
+        pos_embedding: str = "learned",
+        patch_norm: bool = False,
+        keep_rounding: str = "round",
+        pool: str = "norm_then_mean",
     ) -> None:
         super().__init__()
+        for value, accepted, name in (
+            (pos_embedding, POS_EMBEDDINGS, "pos_embedding"),
+            (keep_rounding, KEEP_ROUNDINGS, "keep_rounding"),
+            (pool, POOLS, "pool"),
+        ):
+            if value not in accepted:
+                raise ValueError(f"{name} {value!r} is not accepted; use one of {accepted}")
+        self.pos_embedding, self.keep_rounding, self.pool = pos_embedding, keep_rounding, pool
         if input_dim % patch_size:
             raise ValueError(
                 f"input_dim {input_dim} is not a multiple of patch_size {patch_size}; crop the signals to "
@@ -260,15 +332,23 @@ class STMEM(nn.Module):
         self.eps = float(eps)
         self.eval_mask_seed = int(eval_mask_seed)
         n_pos = self.n_patches + 2  # slot 0 and N + 1 are the SEP tokens
+        if kept_patches(self.n_patches, self.mask_ratio, keep_rounding) < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {self.n_patches}; lower it")
         self.patch_embed = nn.Linear(self.patch_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(n_pos, width))
+        if patch_norm:
+            self.patch_embed = nn.Sequential(nn.LayerNorm(self.patch_size), self.patch_embed, nn.LayerNorm(width))
         self.lead_embed = nn.Parameter(torch.zeros(len(names), width))
         self.sep_token = nn.Parameter(torch.zeros(width))
         self.blocks = nn.ModuleList(PreNormBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.decoder_embed = nn.Linear(width, decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(decoder_width))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(n_pos, decoder_width))
+        if pos_embedding == "sincos":  # fixed: buffers outside the state dict, rebuilt at construction
+            self.register_buffer("pos_embed", sincos_positions(n_pos, width), persistent=False)
+            self.register_buffer("decoder_pos_embed", sincos_positions(n_pos, decoder_width), persistent=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(n_pos, width))
+            self.decoder_pos_embed = nn.Parameter(torch.zeros(n_pos, decoder_width))
         self.decoder_lead_embed = nn.Parameter(torch.zeros(len(names), decoder_width))
         self.decoder_blocks = nn.ModuleList(
             PreNormBlock(decoder_width, decoder_heads, mlp_ratio) for _ in range(decoder_depth)
@@ -294,9 +374,10 @@ class STMEM(nn.Module):
         return cls(lead_names=lead_names, **{**ST_MEM_PRESETS[preset], **overrides})
 
     def _init_weights(self) -> None:
-        for p in (self.pos_embed, self.lead_embed, self.sep_token, self.mask_token):
-            nn.init.trunc_normal_(p, std=0.02)
-        for p in (self.decoder_pos_embed, self.decoder_lead_embed):
+        learned = [self.lead_embed, self.sep_token, self.mask_token, self.decoder_lead_embed]
+        if self.pos_embedding == "learned":
+            learned += [self.pos_embed, self.decoder_pos_embed]
+        for p in learned:
             nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -368,8 +449,10 @@ class STMEM(nn.Module):
         return x.reshape(*x.shape[:-1], self.n_patches, self.patch_size)
 
     # ------------------------------------------------------------------ encoder
-    def _encode(self, x_c: Tensor, lead_c: Tensor, present_c: Tensor, keep: Tensor | None) -> Tensor:
-        """Encoder tokens (B, n, K + 2, W) after the final norm; ``keep`` (B, n, K) kept patch positions or None."""
+    def _encode(
+        self, x_c: Tensor, lead_c: Tensor, present_c: Tensor, keep: Tensor | None, final_norm: bool = True
+    ) -> Tensor:
+        """Encoder tokens (B, n, K + 2, W) (after the final norm unless not ``final_norm``); ``keep`` (B, n, K)."""
         b, n, _ = x_c.shape
         tokens = self.patch_embed(self.patchify(x_c)) + self.pos_embed[1:-1]  # (B, n, N, W)
         lead = self.lead_embed[lead_c].unsqueeze(2)  # (B, n, 1, W)
@@ -386,7 +469,7 @@ class STMEM(nn.Module):
             key_mask = present_c.repeat_interleave(per_lead, dim=1)
         for block in self.blocks:
             h = block(h, key_mask)
-        return self.norm(h).reshape(b, n, per_lead, -1)
+        return (self.norm(h) if final_norm else h).reshape(b, n, per_lead, -1)
 
     def features(self, x: Tensor, leads: Sequence[str] | None = None, mask: Tensor | None = None) -> Tensor:
         """Fine-tuning features: mean of the encoder's patch tokens over the present leads (no masking, no SEP).
@@ -400,9 +483,11 @@ class STMEM(nn.Module):
             (B, width).
         """
         x_c, lead_c, present_c, _, _ = self._prepare(x, leads, mask)
-        h = self._encode(x_c, lead_c, present_c, keep=None)[:, :, 1:-1]  # (B, n, N, W) without SEP tokens
+        norm_first = self.pool == "norm_then_mean"
+        h = self._encode(x_c, lead_c, present_c, keep=None, final_norm=norm_first)[:, :, 1:-1]  # (B, n, N, W)
         w = present_c.to(h.dtype)[:, :, None, None]
-        return (h * w).sum(dim=(1, 2)) / (w.sum(dim=(1, 2)) * h.shape[2])
+        pooled = (h * w).sum(dim=(1, 2)) / (w.sum(dim=(1, 2)) * h.shape[2])
+        return pooled if norm_first else self.norm(pooled)
 
     # ------------------------------------------------------------------ pre-training
     def _mask_generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -432,12 +517,13 @@ class STMEM(nn.Module):
         x_c, lead_c, present_c, order, mask = self._prepare(x, leads, mask)
         n = x_c.shape[1]
         hidden = random_patch_mask(
-            b, c, self.n_patches, self.mask_ratio, self._mask_generator(generator, x.device), x.device
-        )
+            b, c, self.n_patches, self.mask_ratio, self._mask_generator(generator, x.device), x.device,
+            self.keep_rounding,
+        )  # fmt: skip
         hidden = hidden & mask.unsqueeze(-1)
         hidden_c = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.n_patches))
         # kept positions, ascending; absent slots keep an arbitrary (ignored) set of the same size
-        n_keep = int(round((1.0 - self.mask_ratio) * self.n_patches))
+        n_keep = kept_patches(self.n_patches, self.mask_ratio, self.keep_rounding)
         positions = torch.arange(self.n_patches, device=x.device).expand(b, n, -1)
         keep = torch.sort(torch.where(hidden_c, self.n_patches + positions, positions), dim=-1).values[..., :n_keep]
         h = self.decoder_embed(self._encode(x_c, lead_c, present_c, keep))  # (B, n, K + 2, Wd)

@@ -30,6 +30,15 @@ def _cell(row: Mapping[str, Any] | None, metric: str, digits: int) -> str:
     return format_mean_std(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits, sep="±")
 
 
+def _pooled_cell(row: Mapping[str, Any] | None, digits: int) -> str:
+    """``"0.726 [0.668, 0.781]"`` from a cell's pooled AUROC and CI; ``–`` where the method did not run."""
+    if row is None or row.get("auroc_pooled") is None:
+        return "–"
+    text = f"{row['auroc_pooled']:.{digits}f}"
+    lo, hi = row.get("auroc_ci95_lo"), row.get("auroc_ci95_hi")
+    return text + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None else "")
+
+
 def table2_markdown(
     rows: Sequence[Mapping[str, Any]],
     task: str,
@@ -51,7 +60,9 @@ def table2_markdown(
     """
     rows = [r for r in rows if r["task"] == task]
     cells = {(r["method"], r["leads"]): r for r in rows}
-    header = ["Method", "Pre-training"] + [f"{s} {m}" for s in settings for m in METRICS.values()]
+    pooled = any(r.get("auroc_pooled") is not None for r in rows)  # the runs' headline AUROC, when the cells carry it
+    extra = ["pooled AUROC [95% CI]"] if pooled else []
+    header = ["Method", "Pre-training"] + [f"{s} {m}" for s in settings for m in [*METRICS.values(), *extra]]
     lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "| --- | :---: |" + " ---: |" * (len(header) - 2)]
     notes = []
     for block in blocks:
@@ -65,10 +76,16 @@ def table2_markdown(
             for setting in settings:
                 row = cells.get((method, setting))
                 values += [_cell(row, metric, digits) for metric in METRICS]
+                if pooled:
+                    values.append(_pooled_cell(row, digits))
                 if row is not None and row.get("note"):
                     notes.append(f"- {method}, {setting}: – = {row['note']}")
             lines.append("| " + " | ".join(values) + " |")
-    lines += ["", "Mean ± std (population) over the cross-validation folds, on shared folds."]
+    lines += ["", "Acc, AUROC, MCC: mean ± std (population) over the cross-validation folds, on shared folds."]
+    if pooled:
+        lines.append(
+            "pooled AUROC: the runs' headline, the pooled out-of-fold AUROC at subject level with its bootstrap 95% CI."
+        )
     return lines + ([""] + notes if notes else [])
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from kale_ext.evaluate.cross_validation import fold_split, make_folds
 from kale_ext.evaluate.metrics import auroc, bootstrap_ci
+from kale_ext.loaddata.windows import check_window, window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -398,3 +399,40 @@ def fit_linear_lead_map(inputs: np.ndarray, targets: np.ndarray, ridge: float = 
     else:
         w = np.linalg.lstsq(xc, yc, rcond=None)[0]
     return LinearLeadMap(weight=w.T, bias=mean_y - mean_x @ w)
+
+
+@torch.no_grad()
+def generate_leads(
+    model: nn.Module, x: np.ndarray, input_leads: Sequence[str], window: int = 0, batch_size: int = 64
+) -> np.ndarray:
+    """Every lead of the model generated from ``input_leads`` alone, window by window for a windowed model.
+
+    The model encodes only the given leads (e.g. the six limb leads) and decodes all of its leads at the posterior
+    mean. A model pre-trained on windows (``input_dim`` = ``window``) generates each window of the record (the
+    covering windows of :func:`kale_ext.loaddata.windows.window_starts`); overlapping samples are averaged.
+
+    Args:
+        model: a multimodal VAE (``model(x, leads=..., sample=False).recon`` of shape (B, len(model.lead_names), W)).
+        x: (N, len(input_leads), T) input signals.
+        input_leads: names of the channels of ``x``.
+        window: the model's window (0 = whole records).
+        batch_size: records per forward pass.
+
+    Returns:
+        (N, len(model.lead_names), T) generated signals.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    length = x.shape[-1]
+    width = check_window(window, length)
+    out = np.zeros((x.shape[0], len(model.lead_names), length), dtype=np.float64)
+    count = np.zeros(length)
+    was_training = model.training
+    model.eval()
+    for start in window_starts(length, width):
+        count[start : start + width] += 1
+        for b in range(0, len(x), batch_size):
+            xb = torch.as_tensor(x[b : b + batch_size, :, start : start + width])
+            recon = model(xb, leads=tuple(input_leads), sample=False).recon
+            out[b : b + batch_size, :, start : start + width] += recon.float().cpu().numpy()
+    model.train(was_training)
+    return out / count

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kale_ext.evaluate.metrics import METRIC_NAMES, auroc, bootstrap_cis, summarise_folds
+from kale_ext.evaluate.metrics import METRIC_NAMES, auroc, binary_metrics, bootstrap_cis, summarise_folds
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,12 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("subject_id", "label", "probability", "fo
 #: Metrics shown in the Table-2-style results, with their column titles.
 TABLE_METRICS: dict[str, str] = {"accuracy": "Accuracy", "auroc": "AUROC", "mcc": "MCC"}
 SYNTHETIC_WARNING = "> **Synthetic data: these numbers are pipeline checks on generated ECGs, not clinical results.**"
+#: The one AUROC a run reports as its result (console, results.md, metrics.json ``headline``, roc.png legend): the
+#: AUROC of all out-of-fold predictions pooled, one row per subject, with a percentile bootstrap 95% CI over subjects.
+#: The mean +- std of the per-fold AUROCs is reported beside it under its own name (:data:`FOLD_AUROC_NAME`).
+HEADLINE_AUROC_NAME = "pooled out-of-fold AUROC, subject level"
+#: Name of the spread figure reported beside the headline.
+FOLD_AUROC_NAME = "fold AUROC mean +- std"
 
 
 def _jsonable(value: Any) -> Any:
@@ -68,7 +74,9 @@ def summary_with_ci(
         groups: optional subject id per row when subjects have several rows.
 
     Returns:
-        ``{metric: {"mean": float, "std": float, "ci95": [lo, hi]}}`` (std is the population std, ddof=0).
+        ``{metric: {"mean": float, "std": float, "ci95": [lo, hi], "pooled": float}}``: ``mean``/``std`` over the
+        folds (population std, ddof=0), ``pooled`` the metric of all out-of-fold predictions together (each row at
+        its fold's threshold) and ``ci95`` the bootstrap interval around ``pooled``.
     """
     fold_summary = summarise_folds(list(fold_metrics))
     if metrics is None:
@@ -77,7 +85,50 @@ def summary_with_ci(
     if missing:
         raise ValueError(f"metrics {missing} are not in the fold metrics; present are {list(fold_summary)}")
     cis = bootstrap_cis(y_true, prob, threshold, list(metrics), n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
-    return {m: {**fold_summary[m], "ci95": [cis[m][0], cis[m][1]]} for m in metrics}
+    pooled = binary_metrics(y_true, prob, threshold)
+    return {m: {**fold_summary[m], "ci95": [cis[m][0], cis[m][1]], "pooled": pooled.get(m)} for m in metrics}
+
+
+def headline_auroc(summary: Mapping[str, Mapping[str, Any]], y_true) -> dict[str, Any]:
+    """The run's headline AUROC (:data:`HEADLINE_AUROC_NAME`) with its interval, the fold spread and the cohort.
+
+    Args:
+        summary: from :func:`summary_with_ci` (its ``auroc`` entry needs ``pooled``, ``ci95``, ``mean``, ``std``).
+        y_true: pooled out-of-fold labels, shape (N,), one row per subject.
+
+    Returns:
+        ``{"name", "value", "ci95", "fold_mean", "fold_std", "n", "n_positive", "n_negative"}``.
+    """
+    entry = summary.get("auroc")
+    if entry is None or entry.get("pooled") is None:
+        raise ValueError("the summary has no pooled AUROC; build it with summary_with_ci on the out-of-fold rows")
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    return {
+        "name": HEADLINE_AUROC_NAME,
+        "value": entry["pooled"],
+        "ci95": list(entry["ci95"]),
+        "fold_mean": entry["mean"],
+        "fold_std": entry["std"],
+        "n": int(len(y)),
+        "n_positive": int(y.sum()),
+        "n_negative": int(len(y) - y.sum()),
+    }
+
+
+def format_headline(headline: Mapping[str, Any], digits: int = 3) -> str:
+    """One line of the headline AUROC, the same words wherever it is shown (console, results.md, README).
+
+    Example: ``pooled out-of-fold AUROC, subject level 0.726 (95% CI 0.668-0.781; fold AUROC mean +- std
+    0.729 +- 0.059; n = 300 subjects, 180 positive / 120 negative)``.
+    """
+    lo, hi = headline["ci95"]
+    ci = "n/a" if lo is None or hi is None else f"{lo:.{digits}f}-{hi:.{digits}f}"
+    value = "n/a" if headline["value"] is None else f"{headline['value']:.{digits}f}"
+    spread = format_mean_std(headline["fold_mean"], headline["fold_std"], digits)
+    return (
+        f"{headline['name']} {value} (95% CI {ci}; {FOLD_AUROC_NAME} {spread}; n = {headline['n']} subjects, "
+        f"{headline['n_positive']} positive / {headline['n_negative']} negative)"
+    )
 
 
 def write_metrics_json(
@@ -94,7 +145,9 @@ def write_metrics_json(
     """Write ``metrics.json`` with the schema the project documents.
 
     Schema: ``{"synthetic": bool, "task": str, "method": str, "leads": [str, ...], "folds": [{metric: x}, ...],
-    "summary": {metric: {"mean": x, "std": x, "ci95": [lo, hi]}}}`` plus any ``extra`` keys (e.g. ``note``).
+    "summary": {metric: {"mean": x, "std": x, "ci95": [lo, hi], "pooled": x}}}`` plus any ``extra`` keys (e.g.
+    ``note``, ``headline`` from :func:`headline_auroc`). ``mean``/``std`` are over folds; ``pooled`` and ``ci95`` are
+    of all out-of-fold predictions together.
     Non-finite numbers are written as ``null`` so the file is strict JSON.
 
     Args:
@@ -122,7 +175,15 @@ def write_metrics_json(
         "method": str(method),
         "leads": [str(lead) for lead in leads],
         "folds": [dict(f) for f in folds],
-        "summary": {name: {"mean": e["mean"], "std": e["std"], "ci95": list(e["ci95"])} for name, e in summary.items()},
+        "summary": {
+            name: {
+                "mean": e["mean"],
+                "std": e["std"],
+                "ci95": list(e["ci95"]),
+                **({"pooled": e["pooled"]} if "pooled" in e else {}),
+            }
+            for name, e in summary.items()
+        },
     }
     payload.update(extra)  # keyword-only schema arguments cannot be repeated in extra
     path = Path(path)
@@ -223,6 +284,8 @@ def results_row(method: str, leads: str | Sequence[str], summary: Mapping[str, M
     for name, entry in summary.items():
         row[f"{name}_mean"] = entry.get("mean")
         row[f"{name}_std"] = entry.get("std")
+        if entry.get("pooled") is not None:
+            row[f"{name}_pooled"] = entry["pooled"]
         if entry.get("ci95") is not None:
             row[f"{name}_ci95_lo"], row[f"{name}_ci95_hi"] = entry["ci95"]
     return row
@@ -245,6 +308,7 @@ def write_results_table(
     title: str,
     synthetic: bool,
     digits: int = 3,
+    extra_lines: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write a Table-2-style Markdown comparison and its CSV.
 
@@ -260,6 +324,8 @@ def write_results_table(
         title: table title (a Markdown heading).
         synthetic: whether the results come from generated data.
         digits: decimals shown in the Markdown.
+        extra_lines: Markdown lines written between the title and the table (e.g. the headline AUROC, n and
+            class balance of a single run).
 
     Returns:
         ``(md_path, csv_path)``.
@@ -283,6 +349,8 @@ def write_results_table(
     if synthetic:
         lines += [SYNTHETIC_WARNING, ""]
     lines += [f"## {title}", ""]
+    if extra_lines:
+        lines += [*extra_lines, ""]
     header = ["Method"] + [f"{s} {label}" for s in settings for label in TABLE_METRICS.values()]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
@@ -293,7 +361,7 @@ def write_results_table(
             for metric in TABLE_METRICS:
                 values.append(format_mean_std(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), digits))
         lines.append("| " + " | ".join(values) + " |")
-    lines += ["", "Values are mean +- std (population, ddof=0) over cross-validation folds."]
+    lines += ["", "Table values are mean +- std (population, ddof=0) over cross-validation folds."]
 
     md_path, csv_path = Path(md_path), Path(csv_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +374,9 @@ def write_results_table(
     return md_path, csv_path
 
 
-def plot_roc(y_true, prob, folds, path: str | Path, title: str = "ROC curve") -> Path:
+def plot_roc(
+    y_true, prob, folds, path: str | Path, title: str = "ROC curve", ci95: Sequence[float] | None = None
+) -> Path:
     """Save a PNG of the per-fold ROC curves and the pooled out-of-fold curve, AUROC in the legend.
 
     Matplotlib is imported here and drawn through its Agg canvas, so no display and no global backend
@@ -318,9 +388,12 @@ def plot_roc(y_true, prob, folds, path: str | Path, title: str = "ROC curve") ->
         folds: test fold per sample, shape (N,); folds holding one class are drawn without a curve.
         path: output PNG.
         title: figure title.
+        ci95: bootstrap interval of the pooled AUROC, shown in its legend entry (the run's headline,
+            :data:`HEADLINE_AUROC_NAME`).
 
     Returns:
-        The path written.
+        The path written. The PNG's ``Title`` and ``Description`` text chunks hold the title and the legend entries
+        (one per line), so a check can compare them with the other outputs without reading pixels.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -345,17 +418,20 @@ def plot_roc(y_true, prob, folds, path: str | Path, title: str = "ROC curve") ->
             logger.warning("fold %s holds one class; its ROC curve is not drawn", k)
     if 0 < y.sum() < len(y):
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, color="black", linewidth=2.5, label=f"pooled (AUROC {auroc(y, p):.3f})")
+        ci = f", 95% CI {ci95[0]:.3f}-{ci95[1]:.3f}" if ci95 is not None and None not in ci95 else ""
+        label = f"{HEADLINE_AUROC_NAME}: {auroc(y, p):.3f}{ci}"
+        ax.plot(fpr, tpr, color="black", linewidth=2.5, label=label)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (sensitivity)")
     ax.set_title(title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="small")
+    legend = ax.legend(loc="lower right", fontsize="x-small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    entries = "\n".join(text.get_text() for text in legend.get_texts())
+    fig.savefig(path, format="png", metadata={"Title": title, "Description": entries})
     logger.info("wrote %s", path)
     return path

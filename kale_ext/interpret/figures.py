@@ -7,7 +7,8 @@ path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,41 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def wrap_title(text: str, width_inches: float, fontsize: float = 11) -> str:
+    """``text`` broken into lines that fit a figure ``width_inches`` wide at ``fontsize`` points (never clipped).
+
+    Args:
+        text: the title.
+        width_inches: figure width.
+        fontsize: title font size in points (a character is about 0.55 of it wide).
+
+    Returns:
+        The title with newlines.
+    """
+    chars = max(20, int(width_inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars)) if text else text
+
+
+def _caveat(fig, caveat: str | None) -> None:
+    """A warning line under the axes (e.g. the model is no better than chance), in red so it is not missed."""
+    if caveat:
+        width = fig.get_size_inches()[0]
+        fig.text(0.5, -0.02, wrap_title(caveat, width, 9), ha="center", va="top", fontsize=9, color="#b00000")
+
+
+def _class_label(value, class_names: Mapping | None) -> str:
+    """The name of a class value (``class_names`` keyed by the value or its string), the value itself otherwise."""
+    if class_names:
+        for key in (value, str(value)):
+            if key in class_names:
+                return str(class_names[key])
+        try:
+            return str(class_names.get(int(value), value))
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
@@ -52,6 +88,8 @@ def plot_attribution_ecg(
     ratios: np.ndarray | None = None,
     max_seconds: float | None = None,
     dpi: int = 110,
+    amplitude_unit: str = "z-score (per lead)",
+    caveat: str | None = None,
 ) -> Path:
     """Each lead's trace on its own row with its high-attribution segments in red (the paper's Fig. 3 layout).
 
@@ -69,9 +107,13 @@ def plot_attribution_ecg(
         mask: (leads,) bool, True = present; absent leads are drawn as an empty row marked "absent".
         threshold: highlight threshold on the normalised attribution.
         smooth: moving-average width in samples applied to ``|attr|`` before normalising.
-        ratios: (leads,) attribution ratios shown at the right of each row; the largest gets a star.
+        ratios: (leads,) attribution ratios shown at the right of each row; the largest gets a star. The ratio of
+            a lead is the fraction of its samples highlighted in red (normalised attribution >= ``threshold``).
         max_seconds: show only the first ``max_seconds`` of the record.
         dpi: resolution.
+        amplitude_unit: unit of the traces, shown on an amplitude scale bar and in the legend line (the pipeline
+            z-scores each lead; give ``"mV"`` for raw signals).
+        caveat: a warning printed in red under the figure (e.g. the model's AUROC interval includes 0.5).
 
     Returns:
         The written path.
@@ -115,25 +157,44 @@ def plot_attribution_ecg(
         ax.set_ylim(ymin - pad, ymax + pad)
         if ratios is not None:
             ax.text(1.005, 0.5, f"ratio {ratios[j]:.3f}", transform=ax.transAxes, va="center", fontsize=9)
+        ax.set_yticks([round(ymin, 1), round(ymax, 1)])  # amplitude range of the row, in amplitude_unit
+        ax.tick_params(axis="y", labelsize=7, length=2)
     axes[-1, 0].set_xlabel("time (s)", fontsize=11)
     axes[-1, 0].set_xlim(0, t[-1] if len(t) else 1)
-    fig.suptitle(title or "Integrated-gradient attribution", fontsize=12)
+    fig.suptitle(wrap_title(title or "Integrated-gradient attribution", 12, 12), fontsize=12)
+    ratio_note = (
+        "; ratio (right): share of the lead's samples in red, the lead's attribution ratio (\u2605 = largest)"
+        if ratios is not None
+        else ""
+    )
     fig.text(
         0.01,
         0.005,
-        f"red trace: normalised |attribution| >= {threshold:g}; background shade: normalised |attribution| from 0 "
-        "(white) to 1 (red), the record's maximum over all leads",
-        fontsize=8,
+        f"amplitude: {amplitude_unit} (tick labels: each row's range); red trace: normalised |attribution| >= "
+        f"{threshold:g}{ratio_note}; background shade: normalised |attribution| from 0 (white) to 1 (red), the "
+        "record's maximum over all leads",
+        fontsize=7.5,
         color="dimgrey",
+        wrap=True,
     )
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _caveat(fig, caveat)
     return _save(fig, path, dpi)
 
 
 def _bar_groups(
-    ax, table: pd.DataFrame, category: str, group: str, mean: str, std: str | None, order: Sequence | None = None
+    ax,
+    table: pd.DataFrame,
+    category: str,
+    group: str,
+    mean: str,
+    std: str | None,
+    order: Sequence | None = None,
+    names: Mapping | None = None,
+    legend_title: str | None = None,
 ):
-    """Grouped bars: one group per ``category`` value, one bar per ``group`` value, error bars from ``std``."""
+    """Grouped bars: one group per ``category`` value, one bar per ``group`` value (named by ``names``), error bars
+    from ``std``; the legend sits outside the axes, right of them, so it never covers a bar."""
     categories = (
         list(dict.fromkeys(table[category])) if order is None else [c for c in order if c in set(table[category])]
     )
@@ -149,7 +210,7 @@ def _bar_groups(
             width,
             yerr=err,
             capsize=3,
-            label=str(name),
+            label=_class_label(name, names),
             color=_CLASS_COLOURS[g % len(_CLASS_COLOURS)],
             edgecolor="black",
             linewidth=0.4,
@@ -158,11 +219,17 @@ def _bar_groups(
     ax.set_xticklabels([str(c) for c in categories], fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     if len(groups) > 1:
-        ax.legend(title=group, fontsize=9, frameon=False)
+        ax.legend(title=legend_title or group, fontsize=9, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
 
 
 def plot_lead_importance(
-    summary: pd.DataFrame, path: str | Path, value: str = "share", title: str = "", dpi: int = 110
+    summary: pd.DataFrame,
+    path: str | Path,
+    value: str = "share",
+    title: str = "",
+    dpi: int = 110,
+    class_names: Mapping | None = None,
+    caveat: str | None = None,
 ) -> Path:
     """Bar chart of each lead's attribution share per class, with error bars across folds.
 
@@ -173,6 +240,8 @@ def plot_lead_importance(
         value: ``"share"`` (sums to 1 over leads) or ``"ratio"``.
         title: figure title.
         dpi: resolution.
+        class_names: legend name of each class value (e.g. ``{0: "no LVH", 1: "LVH"}``); ``all`` stays ``all``.
+        caveat: a warning printed in red under the figure.
 
     Returns:
         The written path.
@@ -180,15 +249,20 @@ def plot_lead_importance(
     plt = _pyplot()
     table = summary.copy()
     table["class"] = table["class"].astype(str)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * table["lead"].nunique() + 2), 3.8))
-    _bar_groups(ax, table, "lead", "class", f"{value}_mean", f"{value}_std")
+    width = max(5.0, 0.9 * table["lead"].nunique() + 2)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
+    _bar_groups(ax, table, "lead", "class", f"{value}_mean", f"{value}_std", names=class_names, legend_title="class")
     ax.set_xlabel("lead", fontsize=11)
     ax.set_ylabel("attribution share" if value == "share" else "attribution ratio", fontsize=11)
-    ax.set_title(title or "Lead importance (integrated gradients; mean \u00b1 std over folds)", fontsize=11)
+    text = title or "Lead importance (integrated gradients; mean \u00b1 std over folds)"
+    ax.set_title(wrap_title(text, width), fontsize=11)
+    _caveat(fig, caveat)
     return _save(fig, path, dpi)
 
 
-def plot_lead_ablation(summary: pd.DataFrame, path: str | Path, title: str = "", dpi: int = 110) -> Path:
+def plot_lead_ablation(
+    summary: pd.DataFrame, path: str | Path, title: str = "", dpi: int = 110, caveat: str | None = None
+) -> Path:
     """Bar chart of the AUROC drop when each lead is masked out, with error bars across folds.
 
     Args:
@@ -197,6 +271,7 @@ def plot_lead_ablation(summary: pd.DataFrame, path: str | Path, title: str = "",
         path: PNG to write.
         title: figure title.
         dpi: resolution.
+        caveat: a warning printed in red under the figure.
 
     Returns:
         The written path.
@@ -204,20 +279,27 @@ def plot_lead_ablation(summary: pd.DataFrame, path: str | Path, title: str = "",
     plt = _pyplot()
     table = summary.copy()
     table["run"] = "drop"
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table) + 2), 3.8))
+    width = max(5.0, 0.9 * len(table) + 2)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
     _bar_groups(ax, table, "lead", "run", "drop_mean", "drop_std")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("lead masked out", fontsize=11)
     ax.set_ylabel("AUROC drop", fontsize=11)
     full = table["auroc_full_mean"].iloc[0] if "auroc_full_mean" in table and len(table) else float("nan")
-    ax.set_title(
-        title or f"Lead ablation at inference (AUROC with all leads {full:.3f}; mean \u00b1 std over folds)",
-        fontsize=11,
-    )
+    text = title or f"Lead ablation at inference (AUROC with all leads {full:.3f}; mean \u00b1 std over folds)"
+    ax.set_title(wrap_title(text, width), fontsize=11)
+    _caveat(fig, caveat)
     return _save(fig, path, dpi)
 
 
-def plot_gate_weights(summary: pd.DataFrame, path: str | Path, title: str = "", dpi: int = 110) -> Path:
+def plot_gate_weights(
+    summary: pd.DataFrame,
+    path: str | Path,
+    title: str = "",
+    dpi: int = 110,
+    class_names: Mapping | None = None,
+    caveat: str | None = None,
+) -> Path:
     """Bar chart of the mean fusion weight per expert (leads and the shared expert) per class.
 
     Args:
@@ -225,6 +307,8 @@ def plot_gate_weights(summary: pd.DataFrame, path: str | Path, title: str = "", 
         path: PNG to write.
         title: figure title.
         dpi: resolution.
+        class_names: legend name of each class value; ``all`` stays ``all``.
+        caveat: a warning printed in red under the figure.
 
     Returns:
         The written path.
@@ -233,15 +317,20 @@ def plot_gate_weights(summary: pd.DataFrame, path: str | Path, title: str = "", 
     table = summary.copy()
     table["class"] = table["class"].astype(str)
     kind = str(table["gate"].iloc[0]) if "gate" in table and len(table) else "unknown"
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * table["expert"].nunique() + 2), 3.8))
-    _bar_groups(ax, table, "expert", "class", "weight_mean", "weight_std")
+    width = max(5.0, 0.9 * table["expert"].nunique() + 2)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
+    _bar_groups(ax, table, "expert", "class", "weight_mean", "weight_std", names=class_names, legend_title="class")
     ax.set_xlabel("expert", fontsize=11)
     ax.set_ylabel("mean fusion weight", fontsize=11)
-    ax.set_title(title or f"Fusion weights per expert ({kind} weights; mean \u00b1 std over folds)", fontsize=11)
+    text = title or f"Fusion weights per expert ({kind} weights; mean \u00b1 std over folds)"
+    ax.set_title(wrap_title(text, width), fontsize=11)
+    _caveat(fig, caveat)
     return _save(fig, path, dpi)
 
 
-def plot_wave_attribution(table: pd.DataFrame, path: str | Path, title: str = "", dpi: int = 110) -> Path:
+def plot_wave_attribution(
+    table: pd.DataFrame, path: str | Path, title: str = "", dpi: int = 110, caveat: str | None = None
+) -> Path:
     """Stacked bars of each lead's attribution share in the P, QRS, T and other windows.
 
     Args:
@@ -249,12 +338,14 @@ def plot_wave_attribution(table: pd.DataFrame, path: str | Path, title: str = ""
         path: PNG to write.
         title: figure title.
         dpi: resolution.
+        caveat: a warning printed in red under the figure.
 
     Returns:
         The written path.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table) + 2.5), 3.8))
+    width = max(5.0, 0.9 * len(table) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 3.8))
     x = np.arange(len(table))
     bottom = np.zeros(len(table))
     for wave in WAVES:
@@ -268,5 +359,8 @@ def plot_wave_attribution(table: pd.DataFrame, path: str | Path, title: str = ""
     ax.set_ylabel("share of |attribution|", fontsize=11)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(title="window", fontsize=9, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_title(title or "Attribution by wave window (template windows around R peaks)", fontsize=11)
+    ax.set_title(
+        wrap_title(title or "Attribution by wave window (template windows around R peaks)", width), fontsize=11
+    )
+    _caveat(fig, caveat)
     return _save(fig, path, dpi)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from kale_ext.embed.fusion import is_gate
 from kale_ext.interpret.attribution import _sorted_unique
+from kale_ext.loaddata.windows import all_windows, check_window
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def compute_gate_weights(
     leads: Sequence[str],
     mask: Tensor | None = None,
     batch_size: int = 64,
+    window: int = 0,
 ) -> GateWeights:
     """Run the multimodal VAE's encoders and fusion on ``x`` and collect the fusion weights.
 
@@ -107,6 +109,8 @@ def compute_gate_weights(
         leads: names of the channels of ``x``.
         mask: (N, L') bool, True = present; a lead given but absent in a record is masked out of the fusion too.
         batch_size: records per forward pass.
+        window: samples per window of a model pre-trained on windows (0 = whole records): the weights of a record
+            are the mean of the weights of its windows (every window, as the features use them).
 
     Returns:
         :class:`GateWeights` over all N records.
@@ -133,13 +137,20 @@ def compute_gate_weights(
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size].to(device=device, dtype=torch.float32)
                 mb = mask[start : start + batch_size].bool()
+                n_win = 1
+                if window and check_window(window, xb.shape[-1]) < xb.shape[-1]:
+                    wins = all_windows(xb, window)  # (n_windows, b, L', window)
+                    n_win = wins.shape[0]
+                    xb, mb = wins.reshape(-1, *wins.shape[2:]), mb.repeat(n_win, 1)
                 mean, log_var, enc_mask = model.encode(xb, leads=leads)
                 # The encoder knows which leads were given; the data mask knows which were recorded.
                 data_mask = torch.zeros(len(model_leads), xb.shape[0], dtype=torch.bool)
                 data_mask[position] = mb.T
                 fused = model.fuse(mean, log_var, enc_mask.bool() & data_mask.to(enc_mask.device))
-                weights.append(fused.weights.float().cpu())
-                masks.append(fused.expert_mask.bool().cpu())
+                w, m = fused.weights.float().cpu(), fused.expert_mask.bool().cpu()
+                # A record's weights: the mean over its windows (window-major rows; one window = as before).
+                weights.append(w.reshape(w.shape[0], n_win, -1).mean(1))
+                masks.append(m.reshape(m.shape[0], n_win, -1).any(1))
     finally:
         model.train(was_training)
     w = torch.cat(weights, dim=1).numpy()

@@ -130,8 +130,11 @@ class BatchStream:
         batch_size: items per batch (per process).
         seed: base seed; epoch ``k``'s order is drawn from ``seed + k`` only.
         shuffle: permute per epoch (training) or keep the order of ``indices`` (evaluation).
-        drop_last: drop the uneven replica tail and the last incomplete batch (training); else pad the replicas by
-            wrapping around (as ``EpochSeededSampler``) and keep a short last batch.
+        drop_last: drop the uneven replica tail and (unless ``drop_last_batch`` says otherwise) the last incomplete
+            batch (training); else pad the replicas by wrapping around (as ``EpochSeededSampler``) and keep a short
+            last batch.
+        drop_last_batch: drop the last incomplete batch; None = ``drop_last``. Pre-training passes False so that the
+            stream gives as many steps per epoch as a ``DataLoader`` over the same sampler (``drop_last=False``).
         num_replicas: number of processes (DDP world size).
         rank: this process (DDP global rank).
         device: where batches are formed, e.g. ``"cuda:0"`` (``trainer.strategy.root_device``) or ``"cpu"``.
@@ -159,6 +162,7 @@ class BatchStream:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        drop_last_batch: bool | None = None,
         num_replicas: int = 1,
         rank: int = 0,
         device: str | torch.device = "cpu",
@@ -184,6 +188,7 @@ class BatchStream:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        self.drop_last_batch = self.drop_last if drop_last_batch is None else bool(drop_last_batch)
         self.num_replicas = max(int(num_replicas), 1)
         self.rank = int(rank)
         self.device = torch.device(device)
@@ -249,7 +254,7 @@ class BatchStream:
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
         per_rank = self._per_rank()
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        return per_rank // self.batch_size if self.drop_last_batch else math.ceil(per_rank / self.batch_size)
 
     # ------------------------------------------------------------------------------------------------------------
     # Resident copy

@@ -12,6 +12,10 @@ needed to use a trained model.
 Every ``model.pt`` is written to a temporary file and renamed (a full disk or a kill leaves no half file under the
 final name) and gets a ``model.pt.sha256`` beside it; loading checks it, and :func:`damaged_models` lists the models
 of a folder that no longer match, so a stage does not trust a ``DONE`` marker over a damaged model.
+
+A model pre-trained on windows (``PRETRAIN.WINDOW``) is built with ``input_dim`` = the window, and
+``classifier.json`` records ``window`` and ``window_pooling``: the fold classifiers take whole records and pool the
+features of every window of them (``LatentFeatureExtractor``). Records without these keys are whole-record models.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ def classifier_info(
     features: str | None = None,
     in_features: int | None = None,
     pretrain_dir: str | Path | None = None,
+    window: int = 0,
+    window_pooling: str = "mean",
 ) -> dict:
     """The JSON record of a run's fold classifiers.
 
@@ -150,6 +156,8 @@ def classifier_info(
         features: feature mode of a latent model (None for a network that is a classifier itself).
         in_features: width of the features a head on frozen features takes.
         pretrain_dir: folder of the frozen pre-trained model (heads on frozen features).
+        window: samples per window of a model pre-trained on windows (0 = whole records).
+        window_pooling: how the windows' features of a record are pooled (``"mean"`` or ``"poe"``).
 
     Returns:
         dict with ``kind`` ``"head"`` (a head on frozen features) or ``"end_to_end"``.
@@ -166,6 +174,8 @@ def classifier_info(
     }
     if not spec.end_to_end:
         info.update(in_features=int(in_features), pretrain_dir=str(pretrain_dir))
+    if int(window) > 0:
+        info.update(window=int(window), window_pooling=str(window_pooling))
     return info
 
 
@@ -235,7 +245,11 @@ def load_fold_classifier(out_dir: str | Path, fold: int, device: str = "cpu") ->
         head = head_factory(info)()
         head.load_state_dict(state)
         vae = load_model(info["pretrain_dir"], device=device)
-        model = FeatureClassifier(LatentFeatureExtractor(vae, info["leads"], info["features"]), head)
+        extractor = LatentFeatureExtractor(
+            vae, info["leads"], info["features"], window=int(info.get("window", 0)),
+            pooling=info.get("window_pooling", "mean"),
+        )  # fmt: skip
+        model = FeatureClassifier(extractor, head)
     else:
         model = end_to_end_factory(info)()
         model.load_state_dict(state)

@@ -9,13 +9,24 @@ without overlap) and ``ReseedCallback`` reseeds the global generators (reparamet
 of every epoch, so a run killed after an epoch checkpoint and resumed from ``last.ckpt`` ends with the same weights as
 an uninterrupted run. Checkpoints are read with ``weights_only=True``; the trained model is saved and loaded by
 :mod:`kale_ext.pipeline.artifacts`.
+
+Windowed pre-training (``PretrainSettings.window`` > 0): every training step crops a fresh uniform random window of
+every record on the device (the start is drawn from torch's global generator, which ``ReseedCallback`` reseeds per
+step, so a resumed run crops the same windows); validation uses every window of each held-out record.
+
+What a run shows per epoch (logged to CSV/TensorBoard and as one line of the run log): the Pearson r between the
+posterior-mean reconstruction and the input over present leads, on held-out subjects (``val/recon_r``) and on a fixed
+subset of the training records (``train/recon_r``, measured the same way), and, for 12-lead models, the held-out
+generation of V1-V6 from the six limb leads alone (``val/gen_r_6to12``). A held-out r far below the training r is
+memorising; ``PretrainSettings.early_stop_patience`` stops on the held-out r and saves the best held-out epoch's
+weights (``checkpoints/best.ckpt``) as the model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +34,28 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import seed_everything
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kale_ext.loaddata.batch_stream import BatchStream
+from kale_ext.loaddata.leads import CANONICAL_LEADS, LIMB_LEADS
+from kale_ext.loaddata.windows import all_windows, check_window, random_crop
 from kale_ext.pipeline.artifacts import save_model
 from kale_ext.predict.objectives import Objective, PretrainBatch, TrainingProgress
 
 logger = logging.getLogger(__name__)
 
 GATE_DIAGNOSTICS_FILE = "gate_diagnostics.csv"
+BEST_CHECKPOINT = "best"  # checkpoints/best.ckpt: the best held-out epoch (kept with early stopping)
+
+# Base seed of the validation draws (z, sub-ELBO subsets): batch k uses VAL_SEED + k.
+VAL_SEED = 20_251_207
 
 LOADERS = ("auto", "stream", "dataloader")
+# Names of the validation loaders: held-out subjects, and a fixed subset of the training records (for train recon r).
+HELD_OUT, TRAIN_PROBE = "held-out", "train"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,10 +169,16 @@ class ECGPretrainDataModule(pl.LightningDataModule):
 
     - ``"stream"`` (:class:`~kale_ext.loaddata.batch_stream.BatchStream`, for datasets with ``read_signals``): whole
       batches read from the cache (float16 kept float16 up to the device), held on the GPU and gathered by index
-      when the cache fits, else filled into reused pinned buffers by threads. Short last batches are dropped in
-      training (fixed shapes for compiled steps).
+      when the cache fits, else filled into reused pinned buffers by threads.
     - ``"dataloader"``: a per-item ``DataLoader`` with ``EpochSeededSampler`` (any map-style dataset).
     - ``"auto"``: the stream when the dataset supports it.
+
+    Both keep a short last training batch, so the same records give the same number of optimiser steps per epoch
+    (and the same beta warm-up) whichever loader serves them.
+
+    Validation has up to two loaders (``val_names``): the held-out subjects, and, with ``train_probe``, a fixed
+    seeded subset of the training records (as many as the held-out part, at least one batch) on which the training
+    reconstruction is measured the same way as the held-out one.
 
     Args:
         dataset: map-style dataset whose items hold ``signals`` (L, T) and ``mask`` (L,); ``subject_ids`` attribute
@@ -164,6 +189,7 @@ class ECGPretrainDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (``"dataloader"``) or reading threads (``"stream"``).
         loader: ``"auto"``, ``"stream"`` or ``"dataloader"``.
         resident: the stream's residency (``"auto"``, True, False).
+        train_probe: add the training-subset validation loader.
     """
 
     def __init__(
@@ -175,6 +201,7 @@ class ECGPretrainDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         loader: str = "auto",
         resident: bool | str = "auto",
+        train_probe: bool = False,
     ):
         super().__init__()
         if loader not in LOADERS:
@@ -190,6 +217,14 @@ class ECGPretrainDataModule(pl.LightningDataModule):
         if subjects is None:
             subjects = np.arange(len(dataset)).astype(str)
         self.train_idx, self.val_idx = split_by_subject(subjects, val_fraction, seed)
+        n_probe = min(len(self.train_idx), max(len(self.val_idx), batch_size)) if train_probe else 0
+        rng = np.random.default_rng(seed + 1)
+        self.probe_idx = (
+            np.sort(rng.choice(self.train_idx, size=n_probe, replace=False)) if n_probe else self.train_idx[:0]
+        )
+        self.val_names = tuple(
+            name for name, idx in ((HELD_OUT, self.val_idx), (TRAIN_PROBE, self.probe_idx)) if len(idx)
+        )
 
     def _loader(self, indices: np.ndarray, shuffle: bool):
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -198,7 +233,7 @@ class ECGPretrainDataModule(pl.LightningDataModule):
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             return BatchStream(
                 self.base, indices, self.batch_size, self.seed, shuffle=shuffle, drop_last=shuffle,
-                num_replicas=world, rank=rank, device=device, resident=self.resident,
+                drop_last_batch=False, num_replicas=world, rank=rank, device=device, resident=self.resident,
                 num_threads=max(self.num_workers, 1),
             )  # fmt: skip
         sampler = EpochSeededSampler(indices, self.seed, shuffle, world, rank, drop_last=shuffle)
@@ -216,15 +251,58 @@ class ECGPretrainDataModule(pl.LightningDataModule):
         return self._loader(self.train_idx, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Loader of the validation part (fixed order), or no loader when the part is empty."""
-        if len(self.val_idx) == 0:
-            return []
-        return self._loader(self.val_idx, shuffle=False)
+        """Loaders of ``val_names`` (fixed order): held-out subjects, then the training probe; [] when none."""
+        parts = {HELD_OUT: self.val_idx, TRAIN_PROBE: self.probe_idx}
+        loaders = [self._loader(parts[name], shuffle=False) for name in self.val_names]
+        if len(loaders) == 1 and self.val_names == (HELD_OUT,):
+            return loaders[0]
+        return loaders
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The Lightning module
 # ---------------------------------------------------------------------------------------------------------------------
+def lead_pearson_r(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pearson r over time between a reconstruction and its input, per sample and lead.
+
+    Args:
+        recon: (B, L, T) reconstruction.
+        target: (B, L, T) input.
+        mask: (B, L) bool, leads to score (present ones).
+
+    Returns:
+        ``(r (B, L), valid (B, L) bool)``: r is 0 where not valid (masked, or a flat lead or reconstruction).
+    """
+    rc = recon.float() - recon.float().mean(-1, keepdim=True)
+    tc = target.float() - target.float().mean(-1, keepdim=True)
+    den = torch.sqrt((rc * rc).sum(-1) * (tc * tc).sum(-1))
+    valid = mask.bool() & (den > 1e-12)
+    r = torch.where(valid, (rc * tc).sum(-1) / den.clamp_min(1e-12), torch.zeros((), device=recon.device))
+    return r, valid
+
+
+def recon_line(epoch: int, epochs: int | None, values: dict[str, float]) -> str:
+    """The run log's line of an epoch, e.g. ``epoch 3/20: recon r train 0.61 | held-out 0.58 | 6->12 r held-out 0.55``.
+
+    Args:
+        epoch: 1-based epoch number.
+        epochs: planned epochs (None or negative = unknown).
+        values: ``train/recon_r``, ``val/recon_r``, ``val/gen_r_6to12`` (any may be missing).
+
+    Returns:
+        One line of text.
+    """
+
+    def fmt(key: str) -> str:
+        return f"{values[key]:.2f}" if key in values else "-"
+
+    parts = [f"recon r train {fmt('train/recon_r')}", f"held-out {fmt('val/recon_r')}"]
+    if "val/gen_r_6to12" in values:
+        parts.append(f"6->12 r held-out {fmt('val/gen_r_6to12')}")
+    total = f"/{epochs}" if epochs is not None and epochs >= 0 else ""
+    return f"epoch {epoch}{total}: " + " | ".join(parts)
+
+
 def _scalars(losses: dict) -> dict:
     """The loggable terms of an objective's output: scalar tensors, not ``beta`` or auxiliary outputs."""
     return {k: v for k, v in losses.items() if k != "beta" and isinstance(v, torch.Tensor) and v.dim() == 0}
@@ -245,6 +323,12 @@ class PretrainModule(pl.LightningModule):
         fused_optimizer: use the fused AdamW kernel when every parameter is on a GPU.
         diagnostics_dir: folder of ``gate_diagnostics.csv`` (per epoch: mean gate weight per expert and mean
             per-sample gate entropy, for fusions with a learned gate); None = logged only.
+        window: samples per training window (0 = whole records): each training step sees a fresh uniform random
+            window of every record, validation every window of each record. The model's input length must be
+            ``window``.
+        augment: ``augment(signals (B, L', T), mask (B, L')) -> signals``, applied to the model's INPUT of training
+            batches only (e.g. :class:`kale_ext.prepdata.corruption.LeadCorruption`); the reconstruction target
+            stays the clean batch, so the model learns to explain a corrupted lead by the clean ones. None = off.
     """
 
     def __init__(
@@ -257,8 +341,15 @@ class PretrainModule(pl.LightningModule):
         compile: bool = False,
         fused_optimizer: bool = True,
         diagnostics_dir: str | Path | None = None,
+        window: int = 0,
+        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
+        if int(window) < 0:
+            raise ValueError(f"window = {window} is not accepted; use 0 (whole records) or a number of samples")
+        self.window = int(window)
+        self._r_sums: dict[str, torch.Tensor] = {}
+        self.augment = augment
         self.fused_optimizer = fused_optimizer
         self.diagnostics_dir = diagnostics_dir
         self._gate_sums = None
@@ -276,7 +367,10 @@ class PretrainModule(pl.LightningModule):
         self.register_buffer(
             "_slot", torch.tensor([list(model.lead_names).index(lead) for lead in self.leads]), persistent=False
         )
-        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir"])
+        self.save_hyperparameters(ignore=["model", "objective", "diagnostics_dir", "augment"])
+        # Reconstruction r needs a model that encodes, fuses and decodes at the posterior mean (the lead VAEs).
+        self.measures_recon = all(hasattr(model, name) for name in ("encode", "fuse", "decode"))
+        self.measures_generation = self.measures_recon and set(CANONICAL_LEADS) <= set(self.leads)
 
     def progress(self) -> TrainingProgress:
         """Step, epoch and steps per epoch (1 without a trainer) for the objective's schedules."""
@@ -301,12 +395,13 @@ class PretrainModule(pl.LightningModule):
         full_mask[:, self._slot] = mask
         return target, full_mask
 
-    def compute_losses(self, batch: dict, sample: bool = True) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: dict, sample: bool = True, augment: bool = False) -> dict[str, torch.Tensor]:
         """All loss terms of one batch.
 
         Args:
             batch: ``signals`` (B, L', T) float, ``mask`` (B, L') bool.
             sample: draw z from the fused posterior (training) or use its mean.
+            augment: pass the model's input through ``self.augment`` (the target stays clean).
 
         Returns:
             dict with ``loss``, ``recon``, ``kl``, ``align`` (scalars), ``beta`` and any further terms of the
@@ -315,12 +410,36 @@ class PretrainModule(pl.LightningModule):
         x = batch["signals"].float()
         mask = batch["mask"].bool()
         target, full_mask = self._full_width(x, mask)
-        view = PretrainBatch(x, mask, self.leads, target, full_mask, sample, self._forward)
+        inputs = self.augment(x, mask) if augment and self.augment is not None else x
+        view = PretrainBatch(inputs, mask, self.leads, target, full_mask, sample, self._forward)
         return self.objective(self.model, view, self.progress())
+
+    def crop_batch(self, batch: dict, train: bool) -> dict:
+        """The batch as the model sees it: a random window per record (training), every window (evaluation).
+
+        Args:
+            batch: ``signals`` (B, L', T), ``mask`` (B, L').
+            train: one fresh uniform random window per record (torch's global generator) or all windows.
+
+        Returns:
+            ``batch`` itself for whole records (``window`` 0 or T), else a dict with ``signals`` (B', L', window)
+            and ``mask`` (B', L'), B' = B (training) or n_windows * B (evaluation, window-major).
+        """
+        x = batch["signals"]
+        if self.window == 0 or check_window(self.window, x.shape[-1]) == x.shape[-1]:
+            return batch
+        if train:
+            return {**batch, "signals": random_crop(x, self.window)}
+        windows = all_windows(x, self.window)
+        return {
+            "signals": windows.reshape(-1, *windows.shape[2:]),
+            "mask": batch["mask"].repeat(windows.shape[0], 1),
+        }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimisation step; logs step values locally and epoch means synchronised across processes."""
-        losses = self.compute_losses(batch, sample=True)
+        batch = self.crop_batch(batch, train=True)
+        losses = self.compute_losses(batch, sample=True, augment=True)
         size = batch["signals"].shape[0]
         self.log("train/loss_step", losses["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         for name, value in _scalars(losses).items():
@@ -359,20 +478,92 @@ class PretrainModule(pl.LightningModule):
                 for name, value in zip(names, means):
                     fh.write(f"{self.current_epoch},{name},{value:.6f},{entropy:.6f}\n")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Validation loss with z at the posterior mean; epoch means synchronised across processes."""
-        losses = self.compute_losses(batch, sample=False)
-        size = batch["signals"].shape[0]
-        for name, value in _scalars(losses).items():
-            self.log(
-                f"val/{name}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                prog_bar=name == "loss",
-                batch_size=size,
-            )
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Validation loss as in training, and reconstruction r at the posterior mean (every window of each record).
+
+        The held-out loader logs the objective's terms (``val/...``: z drawn from the posterior as in training, a
+        one-sample ELBO estimate on clean inputs), its reconstruction r and 6->12 generation r; the training probe
+        only its reconstruction r. The validation draws come from a generator seeded by the batch index inside a
+        forked random state, so the estimate uses the same noise at every epoch and training's random stream is
+        untouched.
+        """
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "val_names", None) or (HELD_OUT,)
+        part = names[dataloader_idx]
+        batch = self.crop_batch(batch, train=False)
+        if part == HELD_OUT:
+            devices = [batch["signals"].device] if batch["signals"].is_cuda else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(VAL_SEED + batch_idx)
+                losses = self.compute_losses(batch, sample=True)
+            size = batch["signals"].shape[0]
+            for name, value in _scalars(losses).items():
+                self.log(
+                    f"val/{name}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=True,
+                    prog_bar=name == "loss",
+                    batch_size=size,
+                    add_dataloader_idx=False,
+                )
+        if self.measures_recon:
+            self._add_recon_r(batch, part)
+
+    def _add_recon_r(self, batch: dict, part: str) -> None:
+        """Add a batch's per-lead reconstruction r (and, held out, the 6->12 generation r) to the epoch's sums."""
+        x = batch["signals"].float()
+        mask = batch["mask"].bool()
+        target, full_mask = self._full_width(x, mask)
+        out = self._forward(x, mask=mask, leads=self.leads, sample=False)
+        r, valid = lead_pearson_r(out.recon, target, full_mask)
+        prefix = "val" if part == HELD_OUT else "train"
+        self._add_sum(f"{prefix}/recon_r", r, valid)
+        if part == HELD_OUT and self.measures_generation:
+            limb = torch.tensor([lead in LIMB_LEADS for lead in self.leads], device=mask.device)
+            limb_mask = mask & limb
+            if bool(limb_mask.any()):
+                out = self._forward(x, mask=limb_mask, leads=self.leads, sample=False)
+                precordial = torch.tensor(
+                    [lead in CANONICAL_LEADS[6:] for lead in self.model.lead_names], device=mask.device
+                )
+                scored = full_mask & precordial & limb_mask.any(1, keepdim=True)
+                r, valid = lead_pearson_r(out.recon, target, scored)
+                self._add_sum("val/gen_r_6to12", r, valid)
+
+    def _add_sum(self, name: str, r: torch.Tensor, valid: torch.Tensor) -> None:
+        # torch.where, not boolean indexing: no host synchronisation per batch
+        sums = torch.stack(
+            [torch.where(valid, r, torch.zeros((), device=r.device)).double().sum(), valid.double().sum()]
+        )
+        self._r_sums[name] = sums if name not in self._r_sums else self._r_sums[name] + sums.to(self._r_sums[name])
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the epoch's reconstruction sums afresh, with the same keys on every process (reduced together)."""
+        self._r_sums = {}
+        if not self.measures_recon:
+            return
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "val_names", None) or (HELD_OUT,)
+        keys = [f"{'val' if part == HELD_OUT else 'train'}/recon_r" for part in names]
+        if HELD_OUT in names and self.measures_generation:
+            keys.append("val/gen_r_6to12")
+        self._r_sums = {key: torch.zeros(2, dtype=torch.float64, device=self.device) for key in keys}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the epoch's reconstruction r (summed over processes) and one readable line in the run log."""
+        if not self._r_sums:
+            return
+        values = {}
+        for name, sums in sorted(self._r_sums.items()):
+            total = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+            if float(total[1]) > 0:
+                values[name] = float(total[0] / total[1])
+                self.log(name, values[name], on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self._r_sums = {}
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            logger.info("%s", recon_line(self.current_epoch + 1, self.trainer.max_epochs, values))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the model's and the objective's parameters."""
@@ -434,6 +625,8 @@ class PretrainSettings:
     loader: str = "auto"
     resident: bool | str = "auto"
     fused_optimizer: bool = True
+    window: int = 0
+    early_stop_patience: int = 0
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -480,8 +673,10 @@ def resumable_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def _fit_batch_to_records(data: ECGPretrainDataModule, world_size: int) -> None:
-    """Shrink the batch when a process has fewer training records than a batch (the stream drops a short last batch,
-    so it would train on nothing); refuse when a process would have no record at all."""
+    """Refuse a training part that leaves some process without a record (it would train on nothing).
+
+    Fewer records per process than a batch are fine: both loaders keep the short last batch.
+    """
     n_train = len(data.train_idx)
     per_rank = n_train // max(int(world_size), 1)
     if per_rank < 1:
@@ -489,13 +684,6 @@ def _fit_batch_to_records(data: ECGPretrainDataModule, world_size: int) -> None:
             f"pre-training has {n_train} training records after holding out the validation subjects, fewer than the "
             f"{world_size} processes: some would train on nothing; use fewer TRAINER.DEVICES or add records"
         )
-    if data.use_stream and per_rank < data.batch_size:
-        logger.warning(
-            "pre-training has %d training records per process (%d on %d process(es)), fewer than the batch size %d "
-            "(PRETRAIN.BATCH_SIZE): training with batches of %d, one step per epoch",
-            per_rank, n_train, world_size, data.batch_size, per_rank,
-        )  # fmt: skip
-        data.batch_size = per_rank
 
 
 def run_pretraining(
@@ -508,6 +696,7 @@ def run_pretraining(
     leads: Sequence[str] | None = None,
     callbacks: Sequence[pl.Callback] = (),
     extra_files: dict[str, str] | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PretrainResult:
     """Pre-train ``model`` with ``objective`` on ``dataset`` with Lightning and save a plain state_dict.
 
@@ -526,6 +715,7 @@ def run_pretraining(
         leads: channel names of the dataset items (default ``dataset.leads`` or the model's).
         callbacks: further Lightning callbacks (e.g. diagnostics).
         extra_files: further text files written beside the model (name -> content), e.g. a fingerprint.
+        augment: transform of the training batches' model input (see :class:`PretrainModule`); None = off.
 
     Returns:
         ``PretrainResult``.
@@ -536,16 +726,31 @@ def run_pretraining(
     module = PretrainModule(
         model, objective, leads=leads, lr=settings.lr, weight_decay=settings.weight_decay, compile=settings.compile,
         fused_optimizer=settings.fused_optimizer,
-        diagnostics_dir=out_dir,
+        diagnostics_dir=out_dir, window=settings.window, augment=augment,
     )  # fmt: skip
     data = ECGPretrainDataModule(
         dataset, settings.batch_size, settings.val_fraction, settings.seed, settings.num_workers, settings.loader,
-        settings.resident,
+        settings.resident, train_probe=module.measures_recon,
     )  # fmt: skip
+    stopping = []
+    if settings.early_stop_patience > 0:
+        if len(data.val_idx) == 0:
+            raise ValueError(
+                "early stopping (PRETRAIN.EARLY_STOP_PATIENCE) needs held-out subjects; set PRETRAIN.VAL_FRACTION > 0"
+            )
+        monitor, mode = ("val/recon_r", "max") if module.measures_recon else ("val/loss", "min")
+        stopping.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(settings.early_stop_patience)))
+        # The saved model is the best held-out epoch's, not the last one (patience epochs past it).
+        stopping.append(
+            ModelCheckpoint(
+                dirpath=out_dir / "checkpoints", filename=BEST_CHECKPOINT, monitor=monitor, mode=mode, save_top_k=1
+            )
+        )
     ckpt_dir = out_dir / "checkpoints"
     all_callbacks: list[pl.Callback] = [
         ReseedCallback(settings.seed),
         *callbacks,
+        *stopping,
         # monitor None + top-1 keeps the latest epoch; last.ckpt (every epoch) is what a re-run resumes from
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -585,6 +790,12 @@ def run_pretraining(
             f"pre-training in {out_dir} ran no optimiser step ({len(data.train_idx)} training records, batch size "
             f"{settings.batch_size}, {trainer.world_size} process(es)); lower PRETRAIN.BATCH_SIZE or add records"
         )
+    best = next((cb for cb in stopping if isinstance(cb, ModelCheckpoint)), None)
+    if best is not None and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        logger.info("keeping the best held-out epoch's weights (%s %.4f): %s", best.monitor, best.best_model_score,
+                    best.best_model_path)  # fmt: skip
     if trainer.is_global_zero:
         model_path = save_model(model, out_dir, build_args, extra_files)
     return PretrainResult(model_path=model_path, is_global_zero=trainer.is_global_zero, resumed_from=resume)

@@ -52,7 +52,8 @@ def score_records(
         device: torch device.
 
     Returns:
-        DataFrame with ``SCORE_COLUMNS``, ``threshold`` and the provenance columns; ``prediction`` is an integer
+        DataFrame with the columns ``SCORE_COLUMNS``, ``threshold`` and the provenance keys, in this order for every
+        mix of scored and refused records; ``prediction`` is an integer
         column (nullable: empty for refused records), ``status`` is ``ok`` or ``refused: <reason>``.
     """
     parts = []
@@ -92,6 +93,8 @@ def score_records(
     table["threshold"] = float(threshold)
     for key, value in (provenance or {}).items():
         table[key] = value
+    # One column order whatever the mix of scored and refused records (the first part of the concat set it before).
+    table = table[[*SCORE_COLUMNS, "threshold", *(provenance or {})]]
     for _, row in table[table["status"] != "ok"].iterrows():
         logger.warning("record %s %s; it needs the leads %s", row["record_id"], row["status"], ", ".join(leads))
     return table

@@ -14,7 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kale_ext.loaddata.windows import all_windows, check_window
+
 FEATURE_MODES = ("concat_means", "fused_mean", "pooled")
+# How the features of a record's windows become one record's features (windowed models only).
+WINDOW_POOLINGS = ("mean", "poe")
 
 
 class ClassificationHead(nn.Module):
@@ -72,15 +76,37 @@ class LatentFeatureExtractor(nn.Module):
             the fused posterior mean through the lead mask, F = D. ``"pooled"``: the model's own
             ``features(x, leads=..., mask=...)`` (e.g. ST-MEM's mean token of the present leads), F = its width.
 
+        window: samples per window of a model pre-trained on windows (``PRETRAIN.WINDOW``); 0 = the model takes
+            whole records. When ``0 < window < time``, every window of the record (non-overlapping tiles, the last
+            one flush with the end, :func:`kale_ext.loaddata.windows.window_starts`) is encoded and the windows'
+            features are pooled into the record's features.
+        pooling: ``"mean"`` (default): the mean of the per-window features; ``"poe"``: the product of the
+            per-window Gaussian posteriors of each lead expert (precisions add, means are precision-weighted), then
+            ``mode`` on the pooled posteriors. ``"pooled"`` features (no posterior) are always averaged. The default
+            was chosen by a probe measurement on real records (docs/models.md, "Windowed pre-training").
+
     A model with one joint encoder over all leads (``vae.joint`` True, e.g. the beta-VAE baseline) has a
     single expert: both modes then give its posterior mean, F = D. When the model's ``encode`` accepts a
     ``mask`` argument the lead mask is passed on, so absent channels never reach the encoders.
     """
 
-    def __init__(self, vae: nn.Module, leads: Sequence[str], mode: str = "concat_means"):
+    def __init__(
+        self,
+        vae: nn.Module,
+        leads: Sequence[str],
+        mode: str = "concat_means",
+        window: int = 0,
+        pooling: str = "mean",
+    ):
         super().__init__()
         if mode not in FEATURE_MODES:
             raise ValueError(f"unknown feature mode {mode!r}; use one of {list(FEATURE_MODES)}")
+        if pooling not in WINDOW_POOLINGS:
+            raise ValueError(f"unknown window pooling {pooling!r}; use one of {list(WINDOW_POOLINGS)}")
+        if int(window) < 0:
+            raise ValueError(f"window = {window} is not accepted; use 0 (whole records) or a number of samples")
+        self.window = int(window)
+        self.pooling = pooling
         model_leads = getattr(vae, "lead_names", None)
         if model_leads is None:
             raise ValueError("the model has no lead_names attribute; wrap a MultimodalVAE (or set lead_names)")
@@ -114,7 +140,7 @@ class LatentFeatureExtractor(nn.Module):
         self.out_features = None if latent_dim is None else (len(leads) * latent_dim if per_lead else latent_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Features of a batch.
+        """Features of a batch (of whole records: a windowed model sees every window of them).
 
         Args:
             x: (batch, len(leads), time), channels named by ``self.leads``.
@@ -129,8 +155,39 @@ class LatentFeatureExtractor(nn.Module):
             )
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask must be (batch, leads) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-        if self.mode == "pooled":
-            return self.vae.features(x, leads=self.leads, mask=None if mask is None else mask.bool())
+        model_length = getattr(self.vae, "input_dim", None)
+        if self.window == 0 and model_length is not None and x.shape[-1] > int(model_length):
+            raise ValueError(
+                f"the model takes {model_length} samples per lead but the records have {x.shape[-1]}: it was "
+                f"pre-trained on windows (PRETRAIN.WINDOW); pass window={model_length} to pool every window"
+            )
+        if self.window == 0 or check_window(self.window, x.shape[-1]) == x.shape[-1]:
+            return self._features(x, mask)  # whole records: exactly the unwindowed path
+        windows = all_windows(x, self.window)  # (n_windows, B, L, W)
+        n_win, batch = windows.shape[:2]
+        flat = windows.reshape(n_win * batch, *windows.shape[2:])
+        flat_mask = None if mask is None else mask.repeat(n_win, 1)
+        if self.mode == "pooled" or self.pooling == "mean":
+            return self._features(flat, flat_mask).reshape(n_win, batch, -1).mean(0)
+        mean, log_var, present = self._posteriors(flat, flat_mask)  # (E, n_win * B, D), ..., (E, n_win * B)
+        mean = mean.reshape(mean.shape[0], n_win, batch, -1)
+        log_var = log_var.reshape(mean.shape)
+        present = present.reshape(present.shape[0], n_win, batch)
+        # Product of the windows' Gaussians per expert: precisions add, means are precision-weighted.
+        precision = torch.where(present.unsqueeze(-1), torch.exp(-log_var.float()), torch.zeros((), device=x.device))
+        total = precision.sum(1)  # (E, B, D)
+        pooled_present = present.any(1)  # (E, B)
+        pooled_mean = (precision * mean.float()).sum(1) / total.clamp_min(1e-12)
+        pooled_log_var = -torch.log(total.clamp_min(1e-12))
+        keep = pooled_present.unsqueeze(-1)
+        zero = torch.zeros((), device=x.device)
+        pooled_mean, pooled_log_var = torch.where(keep, pooled_mean, zero), torch.where(keep, pooled_log_var, zero)
+        return self._from_posteriors(pooled_mean, pooled_log_var, pooled_present)
+
+    def _posteriors(
+        self, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-expert posteriors ``(mean (E, B, D), log_var (E, B, D), present (E, B))`` with the mask applied."""
         if mask is not None and self._encode_takes_mask:
             mean, log_var, enc_mask = self.vae.encode(x, leads=self.leads, mask=mask.bool())
         else:
@@ -138,12 +195,16 @@ class LatentFeatureExtractor(nn.Module):
                 x = torch.where(mask.bool().unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
             mean, log_var, enc_mask = self.vae.encode(x, leads=self.leads)  # (E, B, D), (E, B, D), (E, B)
         present = enc_mask.bool()
-        if self.joint:  # one expert over all leads, which has already seen the mask
-            return torch.where(present[0].unsqueeze(-1), mean[0], torch.zeros_like(mean[0]))
-        if mask is not None:
+        if mask is not None and not self.joint:
             given = torch.zeros_like(present)
             given[self._lead_index] = mask.t().bool().to(present.device)
             present = present & given
+        return mean, log_var, present
+
+    def _from_posteriors(self, mean: torch.Tensor, log_var: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The features of ``self.mode`` from per-expert posteriors (E, B, D) and presence (E, B)."""
+        if self.joint:  # one expert over all leads, which has already seen the mask
+            return torch.where(present[0].unsqueeze(-1), mean[0], torch.zeros_like(mean[0]))
         if self.mode == "fused_mean":
             return self.vae.fuse(mean, log_var, present).mean
         means = mean[self._lead_index]  # (len(leads), B, D) in the order of self.leads
@@ -151,6 +212,12 @@ class LatentFeatureExtractor(nn.Module):
         # torch.where, not multiplication: placeholder values of absent leads may be non-finite.
         means = torch.where(keep, means, torch.zeros_like(means))
         return means.permute(1, 0, 2).reshape(means.shape[1], -1)
+
+    def _features(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Features of inputs the model takes as they are (whole records, or single windows)."""
+        if self.mode == "pooled":
+            return self.vae.features(x, leads=self.leads, mask=None if mask is None else mask.bool())
+        return self._from_posteriors(*self._posteriors(x, mask))
 
 
 class FeatureClassifier(nn.Module):

@@ -111,10 +111,22 @@ class ELBOObjective(Objective):
 
     Sub-ELBO terms (``subset_terms``), one draw per sample so each costs one extra decode: ``"unimodal"`` (MVAE,
     Wu and Goodman 2018): one present lead expert per sample, its posterior ``q_l p`` alone reconstructs lead l,
-    times the number of present leads; ``"subset"`` (MoPoE, Sutter et al. 2021): one uniformly drawn non-empty
-    subset of the present lead experts per sample, its product reconstructs every present lead. Both make the lead
-    experts valid posteriors on their own, which masked (6-lead) inference relies on. They need a fusion whose first
-    L listed experts are the L lead experts (HiME in paper mode, PoE, mean fusion).
+    times the number of present leads; ``"subset"`` (MoPoE, Sutter et al. 2021): one non-empty subset of the present
+    lead experts per sample, uniform over the ``2^n - 1`` of them (:func:`uniform_subsets`), its product
+    reconstructs every present lead. Both make the lead experts valid posteriors on their own, which masked (6-lead)
+    inference relies on. They need a fusion whose first L listed experts are the L lead experts (HiME in paper mode,
+    PoE, mean fusion).
+
+    Reported beside the loss (no gradient; in nats per record, beta = 1, the Gaussian likelihood at the current
+    sigma whatever ``recon_reduction``): ``neg_elbo``, the negative ELBO of the fused posterior, and, for lead-expert
+    fusions, ``neg_elbo_poe``, the negative ELBO of the product of the present lead experts with the prior (the
+    PoE expert alone; one extra decode without autograd, ``report_poe=False`` skips it). The ELBO prefers the PoE
+    expert: the gap ``neg_elbo - neg_elbo_poe`` is what the gate balance and the mixture cost in ELBO terms.
+
+    Learned sigma (``learn_sigma``): one standard deviation per lead, ``sigma_min + (sigma_max - sigma_min) x
+    sigmoid(theta_l)``, starting at ``sigma``, optimised with the model; the reconstruction and ``neg_elbo`` are
+    then the ELBO at the learned sigma, and ``sigma_mean`` is logged. The balance weights keep the fixed ``sigma``
+    (their scale does not move while sigma is learned).
 
     Args:
         beta: final KL weight.
@@ -126,6 +138,11 @@ class ELBOObjective(Objective):
         gate_balance_kl: coefficient of the KL(uniform || mean gate) barrier.
         subset_terms: ``"none"``, ``"unimodal"`` or ``"subset"``.
         subset_weight: weight of the sub-ELBO term.
+        report_poe: compute ``neg_elbo_poe`` (one extra decode without autograd per batch).
+        learn_sigma: learn a bounded sigma per lead (needs ``num_leads``).
+        num_leads: number of model leads (for ``learn_sigma``).
+        sigma_min: lower bound of the learned sigma.
+        sigma_max: upper bound of the learned sigma.
     """
 
     def __init__(
@@ -139,6 +156,11 @@ class ELBOObjective(Objective):
         gate_balance_kl: float = 0.3,
         subset_terms: str = "none",
         subset_weight: float = 1.0,
+        report_poe: bool = True,
+        learn_sigma: bool = False,
+        num_leads: int = 0,
+        sigma_min: float = 0.05,
+        sigma_max: float = 1.0,
     ) -> None:
         super().__init__()
         if subset_terms not in SUBSET_TERMS:
@@ -154,6 +176,26 @@ class ELBOObjective(Objective):
         self.gate_balance_kl = float(gate_balance_kl)
         self.subset_terms = subset_terms
         self.subset_weight = float(subset_weight)
+        self.report_poe = bool(report_poe)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_raw: nn.Parameter | None = None
+        if learn_sigma:
+            if num_leads < 1:
+                raise ValueError("learn_sigma needs num_leads (the model's number of leads) >= 1")
+            if not 0 < self.sigma_min < float(sigma) < self.sigma_max:
+                raise ValueError(
+                    f"learn_sigma needs 0 < sigma_min < sigma < sigma_max; got {sigma_min}, {sigma}, {sigma_max} "
+                    "(PRETRAIN.SIGMA_MIN, PRETRAIN.SIGMA, PRETRAIN.SIGMA_MAX)"
+                )
+            start = (float(sigma) - self.sigma_min) / (self.sigma_max - self.sigma_min)
+            self.sigma_raw = nn.Parameter(torch.full((int(num_leads),), math.log(start / (1.0 - start))))
+
+    def lead_log_sigma(self) -> float | Tensor:
+        """The likelihood's log sigma: the fixed float, or the learned, bounded (leads,) tensor."""
+        if self.sigma_raw is None:
+            return self.log_sigma
+        sigma = self.sigma_min + (self.sigma_max - self.sigma_min) * torch.sigmoid(self.sigma_raw.float())
+        return torch.log(sigma)
 
     def beta(self, progress: TrainingProgress) -> float:
         """beta_max x a linear ramp over ``beta_warmup_epochs`` epochs counted in optimiser steps."""
@@ -169,9 +211,10 @@ class ELBOObjective(Objective):
         run = batch.forward or model
         out = run(batch.signals, mask=batch.mask, leads=batch.leads, sample=batch.sample)
         fusion = out.fusion
+        log_sigma = self.lead_log_sigma()
         terms = multimodal_elbo(
             out.recon.float(), batch.target, fusion.mean.float(), fusion.log_var.float(), beta,
-            mask=batch.target_mask, recon_reduction=self.recon_reduction, log_sigma=self.log_sigma,
+            mask=batch.target_mask, recon_reduction=self.recon_reduction, log_sigma=log_sigma,
         )  # fmt: skip
         zero = terms.total.new_zeros(())
         align = zero
@@ -185,32 +228,56 @@ class ELBOObjective(Objective):
             balance = scale * (
                 self.gate_importance * importance_loss(w, m) + self.gate_balance_kl * gate_balance_kl(w, m)
             )
-        sub = self._subset_term(model, fusion, batch) if self.subset_terms != "none" and batch.sample else zero
+        sub = (
+            self._subset_term(model, fusion, batch, log_sigma) if self.subset_terms != "none" and batch.sample else zero
+        )
         loss = terms.total + align + balance + self.subset_weight * sub
         result = {"loss": loss, "recon": terms.recon, "kl": terms.kl, "align": align, "balance": balance, "beta": beta}
         if self.subset_terms != "none":
             result["subset"] = sub
+        result.update(self._reported_elbos(model, out, batch, log_sigma, terms.kl))
+        if self.sigma_raw is not None:
+            result["sigma_mean"] = torch.exp(log_sigma).mean().detach()
         result["fusion"] = fusion
         return result
 
-    def _subset_term(self, model: nn.Module, fusion, batch: PretrainBatch) -> Tensor:
+    @torch.no_grad()
+    def _reported_elbos(self, model: nn.Module, out, batch: PretrainBatch, log_sigma, kl: Tensor) -> dict:
+        """``neg_elbo`` of the fused posterior and ``neg_elbo_poe`` of the lead experts' product (nats, beta = 1)."""
+        target, mask = batch.target, batch.target_mask
+        nll = gaussian_recon_nll(out.recon.float(), target, mask, log_sigma).mean()
+        result = {"neg_elbo": (nll + kl).detach()}
+        fusion = out.fusion
+        num_leads = mask.shape[1]
+        if not self.report_poe or num_leads < 2 or fusion.expert_mean.shape[0] < num_leads:
+            return result
+        present = fusion.expert_mask[:num_leads]
+        poe_mean, poe_log_var = _product(
+            fusion.expert_mean[:num_leads].float(), fusion.expert_log_var[:num_leads].float(), present
+        )
+        z = poe_mean
+        if batch.sample:
+            z = z + torch.exp(0.5 * poe_log_var) * torch.randn_like(z)
+        poe_nll = gaussian_recon_nll(model.decode(z).float(), target, mask, log_sigma).mean()
+        result["neg_elbo_poe"] = poe_nll + gaussian_kl(poe_mean, poe_log_var).mean()
+        return result
+
+    def _subset_term(self, model: nn.Module, fusion, batch: PretrainBatch, log_sigma: float | Tensor) -> Tensor:
         """One-draw estimate of the unimodal (MVAE) or subset (MoPoE) ELBO terms, averaged over the batch."""
         num_leads = batch.target_mask.shape[1]
         mean, log_var = fusion.expert_mean[:num_leads].float(), fusion.expert_log_var[:num_leads].float()
         present = fusion.expert_mask[:num_leads]  # (L, B)
         n_present = present.sum(0)  # (B,)
-        u = torch.rand(present.shape, device=present.device)
         if self.subset_terms == "unimodal":
+            u = torch.rand(present.shape, device=present.device)
             pick = torch.where(present, u, torch.full_like(u, -1.0)).argmax(0)  # one present lead per sample
             chosen = nn.functional.one_hot(pick, num_leads).t().bool() & present
-        else:  # Bernoulli(1/2) per present expert; an empty draw falls back to one present expert (no host sync)
-            chosen = present & (u < 0.5)
-            fallback = nn.functional.one_hot(torch.where(present, u, torch.full_like(u, -1.0)).argmax(0), num_leads)
-            chosen = torch.where(chosen.any(0, keepdim=True), chosen, fallback.t().bool() & present)
+        else:
+            chosen = uniform_subsets(present)
         sub_mean, sub_log_var = _product(mean, log_var, chosen)
         z = sub_mean + torch.exp(0.5 * sub_log_var) * torch.randn_like(sub_mean)
         recon = model.decode(z).float()
-        nll = gaussian_recon_nll(recon, batch.target, batch.target_mask, self.log_sigma, per_lead=True)  # (B, L)
+        nll = gaussian_recon_nll(recon, batch.target, batch.target_mask, log_sigma, per_lead=True)  # (B, L)
         if self.recon_reduction != "gaussian":
             nll = nll / self._scale(batch.target.shape[-1])
         kl = gaussian_kl(sub_mean, sub_log_var)
@@ -220,6 +287,30 @@ class ELBOObjective(Objective):
             per_sample = nll.sum(1) + kl
         valid = n_present > 0
         return (per_sample * valid.float()).sum() / valid.float().sum().clamp_min(1.0)
+
+
+def uniform_subsets(present: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One subset per sample, uniform over the ``2^n - 1`` non-empty subsets of its n present experts.
+
+    Exactly uniform at every n (also n = 2, 3), on the device and without a host synchronisation: per sample an
+    integer r is drawn uniformly from ``1 .. 2^n - 1`` and the k-th present expert (in expert order) joins the
+    subset when bit k of r is set. (A Bernoulli(1/2) draw per expert with an empty draw replaced by one expert is
+    not uniform: with n = 2 it gives the two singletons 3/8 each and the pair 1/4.)
+
+    Args:
+        present: (experts, batch) bool, True = present (at most 24 present experts per sample).
+        generator: torch.Generator for the draw (default: torch's global generator).
+
+    Returns:
+        (experts, batch) bool, a subset of ``present``, non-empty wherever ``present`` has a present expert.
+    """
+    n = present.sum(0)  # (B,)
+    device = generator.device if generator is not None else present.device
+    u = torch.rand(n.shape, generator=generator, device=device).to(present.device)
+    count = torch.exp2(n.float()) - 1.0  # non-empty subsets
+    r = (u * count).floor().clamp_max(count - 1.0).long() + 1  # 1 .. 2^n - 1
+    rank = (present.long().cumsum(0) - 1).clamp_min(0)  # position of each expert among the present ones
+    return present & (((r.unsqueeze(0) >> rank) & 1) == 1)
 
 
 def _product(mean: Tensor, log_var: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,6 +414,8 @@ class CapacityObjective(Objective):
         c_max: final capacity C in nats.
         warmup_epochs: epochs over which C rises from 0 to ``c_max`` (per optimiser step).
         recon_reduction: reconstruction scale (see :func:`~kale_ext.predict.losses.multimodal_elbo`).
+        sigma: the Gaussian likelihood's standard deviation per lead for ``recon_reduction="gaussian"``
+            (``PRETRAIN.SIGMA``, as in :class:`ELBOObjective`).
     """
 
     def __init__(
@@ -331,12 +424,16 @@ class CapacityObjective(Objective):
         c_max: float = 50.0,
         warmup_epochs: float = 50.0,
         recon_reduction: str = "mean",
+        sigma: float = 0.3,
     ) -> None:
         super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
         self.capacity_gamma = float(capacity_gamma)
         self.c_max = float(c_max)
         self.warmup_epochs = float(warmup_epochs)
         self.recon_reduction = recon_reduction
+        self.log_sigma = math.log(float(sigma))
 
     def capacity(self, progress: TrainingProgress) -> float:
         """The capacity C (nats) at ``progress``."""
@@ -349,7 +446,7 @@ class CapacityObjective(Objective):
         out = run(batch.signals, mask=batch.mask, leads=batch.leads, sample=batch.sample)
         terms = multimodal_elbo(
             out.recon.float(), batch.target, out.fusion.mean.float(), out.fusion.log_var.float(), 0.0,
-            mask=batch.target_mask, recon_reduction=self.recon_reduction,
+            mask=batch.target_mask, recon_reduction=self.recon_reduction, log_sigma=self.log_sigma,
         )  # fmt: skip
         cap = capacity_kl(terms.kl, self.capacity(progress), self.capacity_gamma)
         zero = terms.kl.new_zeros(())

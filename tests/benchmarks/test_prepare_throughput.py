@@ -19,7 +19,6 @@ def test_assembly_peak_memory_does_not_grow_with_the_cache():
         [sys.executable, str(SCRIPT), "--small", "--assembly-only"],
         capture_output=True,
         text=True,
-        timeout=300,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -60,7 +60,6 @@ def test_small_run_writes_every_table_and_figure(tmp_path):
         [sys.executable, str(SCRIPT), "--small", "--data", str(ludb), "--out", str(out), "--n-boot", "100"],
         capture_output=True,
         text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text(encoding="utf-8")

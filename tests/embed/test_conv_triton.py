@@ -259,7 +259,7 @@ def test_available_here():
 
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter switch")
@@ -282,7 +282,6 @@ def test_interpreter_switch_after_import():
         env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 1, 128) True"
@@ -306,7 +305,6 @@ def test_forward_kernels_compile_for_hopper():
         env={**env, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("registers") == 6, result.stdout

@@ -178,3 +178,59 @@ def test_presets_and_arguments():
         small.features(torch.randn(1, 12, 2000))
     with pytest.raises(ValueError, match="unknown ST-MEM preset"):
         STMEM.from_preset("huge")
+
+
+# ------------------------------------------------------------------ switches to the published choices (issue 18)
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return STMEM(LIMB_LEADS, input_dim=300, patch_size=10, width=16, depth=1, heads=2, decoder_width=8,
+                 decoder_depth=1, decoder_heads=2, **kw)  # fmt: skip
+
+
+def test_keep_rounding_floor_keeps_the_published_7_of_30():
+    from kale_ext.embed.st_mem import kept_patches
+
+    assert kept_patches(30, 0.75) == 8 and kept_patches(30, 0.75, "floor") == 7
+    model = _tiny(keep_rounding="floor")
+    out = model.train()(torch.randn(2, 6, 300), leads=LIMB_LEADS)
+    assert (out.patch_mask.sum(-1) == 30 - 7).all()
+    hidden = random_patch_mask(3, 2, 30, 0.75, torch.Generator().manual_seed(0), rounding="floor")
+    assert (hidden.sum(-1) == 23).all()
+
+
+def test_sincos_positions_are_fixed_buffers():
+    from kale_ext.embed.st_mem import sincos_positions
+
+    model = _tiny(pos_embedding="sincos")
+    names = dict(model.named_parameters())
+    assert "pos_embed" not in names and "decoder_pos_embed" not in names
+    torch.testing.assert_close(model.pos_embed, sincos_positions(32, 16))
+    pos = sincos_positions(32, 16)
+    assert pos[0, :8].abs().max() == 0 and (pos[0, 8:] == 1).all()  # sin(0) = 0, cos(0) = 1
+    assert len(set(map(tuple, pos.tolist()))) == 32  # every position distinct
+    learned = _tiny()
+    assert "pos_embed" in dict(learned.named_parameters())
+
+
+def test_patch_norm_and_mean_then_norm_pooling():
+    model = _tiny(patch_norm=True, pool="mean_then_norm").eval()
+    kinds = [type(m).__name__ for m in model.patch_embed]
+    assert kinds == ["LayerNorm", "Linear", "LayerNorm"]
+    x = torch.randn(2, 6, 300)
+    feats = model.features(x, leads=LIMB_LEADS)
+    # the final LayerNorm (default affine: weight 1, bias 0) applied to the mean token: zero mean, unit variance
+    torch.testing.assert_close(feats.mean(-1), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.var(-1, unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
+    norm_first = _tiny(patch_norm=True).eval()
+    norm_first.load_state_dict(model.state_dict())
+    other = norm_first.features(x, leads=LIMB_LEADS)
+    assert other.var(-1, unbiased=False).max() < 0.99  # a mean of normalised tokens is not itself normalised
+    with pytest.raises(ValueError, match="pool"):
+        _tiny(pool="max")
+
+
+def test_published_preset_turns_every_switch():
+    spec = ST_MEM_PRESETS["published"]
+    assert {k: spec[k] for k in ("pos_embedding", "patch_norm", "keep_rounding", "pool")} == {
+        "pos_embedding": "sincos", "patch_norm": True, "keep_rounding": "floor", "pool": "mean_then_norm"}  # fmt: skip
+    assert spec["width"] == ST_MEM_PRESETS["paper"]["width"]

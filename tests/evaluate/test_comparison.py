@@ -58,3 +58,18 @@ def test_writers_produce_files_that_say_synthetic(tmp_path):
     assert len(frame) == len(ROWS) and frame["synthetic"].all()
     png = plot_ablation(ROWS, ["LS-EMVAE", "LS-EMVAE w/o PoE"], tmp_path / "fig.png", "synthetic")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_pooled_auroc_column_when_the_cells_carry_the_headline():
+    from kale_ext.evaluate.comparison import table2_markdown
+
+    row = {"task": "ph", "block": "Multimodal", "method": "M", "pretrained": True, "leads": "6L",
+           "accuracy_mean": 0.7, "accuracy_std": 0.1, "auroc_mean": 0.75, "auroc_std": 0.05, "mcc_mean": 0.3,
+           "mcc_std": 0.1}  # fmt: skip
+    plain = table2_markdown([row], "ph", settings=("6L",))
+    assert "pooled" not in plain[2]
+    lines = table2_markdown([{**row, "auroc_pooled": 0.726, "auroc_ci95_lo": 0.668, "auroc_ci95_hi": 0.781}], "ph",
+                            settings=("6L",))  # fmt: skip
+    assert lines[2].endswith("| 6L pooled AUROC [95% CI] |")
+    assert "| 0.726 [0.668, 0.781] |" in "\n".join(lines)
+    assert any(line.startswith("pooled AUROC: the runs' headline") for line in lines)

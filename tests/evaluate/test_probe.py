@@ -121,3 +121,32 @@ def test_inner_cv_probe_picks_strong_regularisation_for_noise_and_rejects_bad_c(
     assert probe.predict_proba(x)[:, 1][y == 1].mean() > probe.predict_proba(x)[:, 1][y == 0].mean()
     with pytest.raises(ValueError, match="'cv'"):
         make_probe("mlp", c="cv")
+
+
+def test_generate_leads_tiles_windows_and_equals_the_whole_record_pass_for_an_unwindowed_model():
+    import torch
+
+    from kale_ext.embed.zoo import build_model
+    from kale_ext.evaluate.probe import generate_leads
+
+    leads, limb = ("I", "II", "V1"), ("I", "II")
+    torch.manual_seed(0)
+    whole = build_model("lsemvae", leads, 40, 4).eval()
+    x = np.random.default_rng(0).standard_normal((3, 2, 40)).astype(np.float32)
+    with torch.no_grad():
+        direct = whole(torch.as_tensor(x), leads=limb, sample=False).recon.numpy()
+    assert np.allclose(generate_leads(whole, x, limb), direct, atol=1e-6)
+    # a model of 16-sample windows on 40-sample records: windows at 0, 16, 24; the overlap 24..31 is averaged
+    torch.manual_seed(0)
+    windowed = build_model("lsemvae", leads, 16, 4).eval()
+    out = generate_leads(windowed, x, limb, window=16)
+    with torch.no_grad():
+        parts = {
+            s: windowed(torch.as_tensor(x[..., s : s + 16]), leads=limb, sample=False).recon.numpy()
+            for s in (0, 16, 24)
+        }
+    assert out.shape == (3, 3, 40)
+    assert np.allclose(out[..., :16], parts[0], atol=1e-6)
+    assert np.allclose(out[..., 16:24], parts[16][..., :8], atol=1e-6)
+    assert np.allclose(out[..., 24:32], (parts[16][..., 8:] + parts[24][..., :8]) / 2, atol=1e-6)
+    assert np.allclose(out[..., 32:], parts[24][..., 8:], atol=1e-6)

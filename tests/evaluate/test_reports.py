@@ -51,13 +51,30 @@ def test_metrics_json_schema(tmp_path, oof):
     assert len(data["folds"]) == 5 and {"accuracy", "auroc", "mcc"} <= set(data["folds"][0])
     for metric in ("accuracy", "auroc", "mcc", "sensitivity", "specificity", "f1"):
         entry = data["summary"][metric]
-        assert set(entry) == {"mean", "std", "ci95"}
+        assert set(entry) == {"mean", "std", "ci95", "pooled"}
+        assert entry["pooled"] == pytest.approx(binary_metrics(y, prob)[metric])  # of the pooled predictions
         values = [f[metric] for f in fold_metrics]
         assert entry["mean"] == pytest.approx(np.mean(values)) and entry["std"] == pytest.approx(np.std(values))
         lo, hi = entry["ci95"]
         assert lo <= hi
     point = binary_metrics(y, prob)["auroc"]
     assert data["summary"]["auroc"]["ci95"][0] <= point <= data["summary"]["auroc"]["ci95"][1]
+
+
+def test_headline_is_the_pooled_auroc_with_its_interval_and_cohort(oof):
+    from kale_ext.evaluate.reports import HEADLINE_AUROC_NAME, format_headline, headline_auroc
+
+    y, prob, folds, fold_metrics = oof
+    summary = summary_with_ci(fold_metrics, y, prob, 0.5, n_boot=50, seed=0)
+    head = headline_auroc(summary, y)
+    assert head["name"] == HEADLINE_AUROC_NAME and head["value"] == pytest.approx(binary_metrics(y, prob)["auroc"])
+    assert head["fold_mean"] == summary["auroc"]["mean"] != head["value"]
+    assert (head["n"], head["n_positive"]) == (len(y), int(np.sum(y)))
+    line = format_headline(head)
+    assert line.startswith(f"{HEADLINE_AUROC_NAME} {head['value']:.3f} (95% CI {head['ci95'][0]:.3f}-")
+    assert f"{head['n_positive']} positive / {head['n_negative']} negative" in line
+    with pytest.raises(ValueError, match="summary_with_ci"):
+        headline_auroc({"auroc": {"mean": 0.5, "std": 0.1, "ci95": [0.4, 0.6]}}, y)
 
 
 def test_metrics_json_writes_nan_as_null_and_refuses_bad_summaries(tmp_path):

@@ -41,6 +41,10 @@ def test_python_configs_are_refused_without_running_them(tmp_path):
         ("TRAINER.PRECISION", "fp8", "bf16-mixed"),
         ("PRETRAIN.RECON", "l1", "gaussian"),
         ("MODEL.RANDOM_ARCHITECTURE", "resnet1d", "lsemvae"),
+        ("PRETRAIN.LEAD_DROPOUT", "1.0", "0.0 <= value < 1.0"),
+        ("PRETRAIN.CORRUPT_PROB", "1.5", "0.0 <= value <= 1.0"),
+        ("PRETRAIN.CORRUPT_KINDS", "['noise', 'static']", "invert"),
+        ("PRETRAIN.SIGMA_MAX", "0.0", "0.0 < value"),
     ],
 )
 def test_bad_values_stop_before_any_work_naming_what_is_accepted(key, value, words):
@@ -71,3 +75,68 @@ def test_preprocessing_keys_reach_the_spec_and_its_fingerprint():
     assert us.preprocess.powerline_hz == 60.0 and off.preprocess.highpass_hz is None
     assert len({base.preprocess.fingerprint(), us.preprocess.fingerprint(), off.preprocess.fingerprint()}) == 3
     assert base.finetune_cache != us.finetune_cache  # another preprocessing never reuses a cache
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["PRETRAIN.WINDOW", "-1"], "0 <= value"),
+        (["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "1001"], "DATASET.INPUT_LENGTH 1000"),
+        (["PRETRAIN.EARLY_STOP_PATIENCE", "3", "PRETRAIN.VAL_FRACTION", "0.0"], "PRETRAIN.VAL_FRACTION > 0"),
+        (["MODEL.NAME", "stmem", "MODEL.STMEM_PATCH_SIZE", "75", "PRETRAIN.WINDOW", "250"], "divisor of 250"),
+        (["FINETUNE.WINDOW_POOLING", "max"], "mean"),
+    ],
+)
+def test_window_keys_are_checked_before_any_work(opts, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        load_cfg(["6L.yaml"], opts)
+
+
+def test_windowed_models_are_built_for_the_window_and_the_paper_default_is_whole_records():
+    """PRETRAIN.WINDOW sets the input length of every latent model (ST-MEM's patches follow); 0 keeps the records."""
+    from kale_ext.embed.zoo import build_from_args
+
+    base = RunLayout.from_cfg(load_cfg([]))
+    assert base.cfg.PRETRAIN.WINDOW == 0 and base.window == 0
+    assert base.build_args(base.leads)["input_dim"] == base.cfg.DATASET.INPUT_LENGTH
+    assert base.cfg.PRETRAIN.VAL_FRACTION == 0.1 and base.cfg.PRETRAIN.EARLY_STOP_PATIENCE == 0
+    short = ["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "250", "MODEL.LATENT_DIM", "4"]
+    for name in ("lsemvae", "mvae", "mopoe", "betavae", "stmem", "random_encoder"):
+        run = RunLayout.from_cfg(load_cfg([], [*short, "MODEL.NAME", name, "MODEL.STMEM_PRESET", "small"]))
+        args = run.build_args(run.pretrain_leads)
+        assert run.window == 250 and args["input_dim"] == 250, name
+        if name == "stmem":
+            model = build_from_args(**args)
+            assert 250 % model.patch_size == 0 and model.n_patches >= 2
+    supervised = RunLayout.from_cfg(load_cfg([], [*short, "MODEL.NAME", "resnet1d"]))
+    assert supervised.window == 0 and supervised.build_args(supervised.leads)["input_dim"] == 1000
+    whole = RunLayout.from_cfg(load_cfg([], ["DATASET.INPUT_LENGTH", "1000", "PRETRAIN.WINDOW", "1000"]))
+    assert whole.window == 0  # a window as long as the records is whole records
+
+
+def test_pretraining_keys_for_the_served_lead_set_reach_the_model_objective_and_fingerprint():
+    import stages  # noqa: PLC0415 - the example's stage module, imported with the example on the path
+
+    from kale_ext.embed.zoo import build_from_args  # noqa: PLC0415
+    from kale_ext.prepdata.corruption import LeadCorruption  # noqa: PLC0415
+
+    base = RunLayout.from_cfg(load_cfg(["6L.yaml"]))
+    assert "lead_dropout" not in base.build_args(base.pretrain_leads)  # default: records of earlier runs unchanged
+    assert stages.make_augment(base) is None
+    keys = ["PRETRAIN.LEAD_DROPOUT", "0.5", "PRETRAIN.SUBSET_TERMS", "subset", "PRETRAIN.CORRUPT_PROB", "0.3",
+            "PRETRAIN.CORRUPT_KINDS", "['flat', 'invert']", "PRETRAIN.LEARN_SIGMA", "True"]  # fmt: skip
+    run = RunLayout.from_cfg(load_cfg(["6L.yaml"], keys))
+    args = run.build_args(run.pretrain_leads)
+    assert args["lead_dropout"] == 0.5 and build_from_args(**args).lead_dropout == 0.5
+    objective = stages.make_objective(run)
+    assert objective.subset_terms == "subset" and objective.sigma_raw.shape == (12,)
+    augment = stages.make_augment(run)
+    assert isinstance(augment, LeadCorruption) and augment.prob == 0.3 and augment.kinds == ("flat", "invert")
+    fingerprint, base_fingerprint = stages.pretrain_fingerprint(run), stages.pretrain_fingerprint(base)
+    assert fingerprint["model"]["lead_dropout"] == 0.5
+    for key in ("LEAD_DROPOUT", "CORRUPT_PROB", "CORRUPT_KINDS", "SUBSET_TERMS", "LEARN_SIGMA"):
+        assert fingerprint["config"][f"PRETRAIN.{key}"] != base_fingerprint["config"][f"PRETRAIN.{key}"]
+    # the capacity objective gets PRETRAIN.SIGMA too
+    capacity = stages.make_objective(RunLayout.from_cfg(load_cfg([], ["PRETRAIN.OBJECTIVE", "capacity",
+                                                                      "PRETRAIN.SIGMA", "0.5"])))  # fmt: skip
+    assert abs(capacity.log_sigma - __import__("math").log(0.5)) < 1e-12

@@ -90,3 +90,20 @@ def test_importance_requires_its_columns(tmp_path):
     """A table without the summary columns is refused (not silently drawn empty)."""
     with pytest.raises(KeyError):
         plot_lead_importance(pd.DataFrame({"lead": ["I"], "class": [0]}), tmp_path / "x.png")
+
+
+def test_class_names_caveat_and_wrapped_titles(tmp_path):
+    from kale_ext.interpret.figures import _class_label, wrap_title
+
+    names = {0: "no LVH", 1: "LVH"}
+    assert [_class_label(v, names) for v in (0, "1", "all")] == ["no LVH", "LVH", "all"]
+    assert _class_label(1, None) == "1"
+    title = "LVH: attribution by wave window (template windows around R peaks) [synthetic data]"
+    wrapped = wrap_title(title, 5.0)
+    assert wrapped.replace("\n", " ") == title and max(len(line) for line in wrapped.split("\n")) <= 65
+    importance = pd.DataFrame(
+        {"lead": [*LEADS, *LEADS], "class": [0] * 6 + [1] * 6, "share_mean": 1 / 6, "share_std": 0.01}
+    )
+    plain = plot_lead_importance(importance, tmp_path / "plain.png")
+    named = plot_lead_importance(importance, tmp_path / "named.png", class_names=names, caveat="Caveat: chance")
+    assert _png_shape(named)[0] > _png_shape(plain)[0]  # the caveat line adds height under the axes

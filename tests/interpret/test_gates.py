@@ -132,3 +132,19 @@ def test_gate_is_recognised_by_attribute_not_by_class_name():
             return mask.float()
 
     assert _has_gate(HierarchicalModalityExperts(3, 2, gate=Plain()))
+
+
+def test_a_windowed_model_gets_the_mean_weights_of_every_window_of_a_record():
+    """With ``window`` each record is cut into every window (the last flush with the end); weights are averaged."""
+    from kale_ext.embed.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lsemvae", LEADS, input_dim=16, latent_dim=4).eval()
+    x = torch.randn(3, 6, 40)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 2] = False
+    gates = compute_gate_weights(model, x, LEADS, mask, window=16)
+    per_window = [compute_gate_weights(model, x[..., s : s + 16].contiguous(), LEADS, mask) for s in (0, 16, 24)]
+    np.testing.assert_allclose(gates.weights, np.mean([g.weights for g in per_window], axis=0), atol=1e-6)
+    assert np.array_equal(gates.expert_mask, per_window[0].expert_mask)
+    np.testing.assert_allclose(gates.weights.sum(0), 1.0, atol=1e-5)

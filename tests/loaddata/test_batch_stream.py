@@ -343,3 +343,15 @@ def test_real_records_float16_cache(cinc_dir, tmp_path):
     ds = ECGLeadDataset(tmp_path / "cache", leads="12L")
     assert len(ds) >= 40
     _check_against_items(ds, 16)
+
+
+def test_training_stream_may_keep_the_short_last_batch_like_the_dataloader(caches):
+    """drop_last_batch=False (what pre-training uses): ceil(n / batch) batches, every training record once."""
+    ds = ECGLeadDataset(caches["float32"][0], leads=CANONICAL_LEADS)
+    kept = BatchStream(ds, batch_size=5, seed=2, drop_last=True, drop_last_batch=False, resident=True)
+    dropped = BatchStream(ds, batch_size=5, seed=2, drop_last=True, resident=True)
+    assert len(kept) == len(list(kept)) == 5 and len(dropped) == 4  # 23 records
+    _, order = _collect(kept)
+    assert sorted(order.tolist()) == list(range(N))
+    sampler = EpochSeededSampler(np.arange(N), seed=2, shuffle=True, drop_last=True)
+    assert order.tolist() == list(sampler)

@@ -53,3 +53,22 @@ def test_nothing_to_score_still_gives_a_table_with_the_refusals():
     table = score_records([], None, ("I",), 0.5, qc=qc)
     assert list(table["status"]) == ["refused: unreadable header"]
     assert refusals_from_qc(pd.DataFrame()).empty
+
+
+def test_column_order_is_the_same_with_and_without_refusals():
+    expected = ["record_id", "subject_id", "probability", "prediction", "status", "threshold", "model", "task"]
+    provenance = {"model": "m", "task": "t"}
+    clean = pd.DataFrame({"record_id": ["a", "b", "c"], "status": ["ok"] * 3, "reason": [""] * 3})
+    refused = pd.DataFrame({"record_id": ["a", "b", "c", "d"], "status": ["ok", "ok", "ok", "skipped"],
+                            "reason": ["", "", "", "no sampling frequency"]})  # fmt: skip
+    only_ok = score_records([_Clf(1.0)], _OkData(), ("I", "II"), 0.5, qc=clean, provenance=provenance)
+    mixed = score_records([_Clf(1.0)], _Data(), ("I", "II"), 0.5, qc=refused, provenance=provenance)
+    nothing = score_records([], None, ("I", "II"), 0.5, qc=refused.iloc[3:], provenance=provenance)
+    for table in (only_ok, mixed, nothing):
+        assert list(table.columns) == expected
+
+
+class _OkData(_Data):
+    def __init__(self):
+        super().__init__()
+        self.masks = np.ones((3, 2), dtype=bool)

@@ -217,3 +217,110 @@ def test_six_lead_fused_features_of_a_12_lead_model_equal_those_of_the_six_leads
     torch.testing.assert_close(masked, six, atol=1e-6, rtol=1e-5)
     full = LatentFeatureExtractor(vae, leads12, "fused_mean")(torch.randn(3, 12, 48))
     assert masked.shape == full.shape == (3, 5)  # the same head width for both settings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Windowed models: every window of a record, pooled; window 0 = the whole-record features exactly
+# ---------------------------------------------------------------------------------------------------------------------
+def _whole_record_reference(ext, x, mask):
+    """The extractor's forward before windows existed (kept verbatim as the reference)."""
+    if ext.mode == "pooled":
+        return ext.vae.features(x, leads=ext.leads, mask=None if mask is None else mask.bool())
+    if mask is not None and ext._encode_takes_mask:
+        mean, log_var, enc_mask = ext.vae.encode(x, leads=ext.leads, mask=mask.bool())
+    else:
+        if mask is not None:
+            x = torch.where(mask.bool().unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        mean, log_var, enc_mask = ext.vae.encode(x, leads=ext.leads)
+    present = enc_mask.bool()
+    if ext.joint:
+        return torch.where(present[0].unsqueeze(-1), mean[0], torch.zeros_like(mean[0]))
+    if mask is not None:
+        given = torch.zeros_like(present)
+        given[ext._lead_index] = mask.t().bool().to(present.device)
+        present = present & given
+    if ext.mode == "fused_mean":
+        return ext.vae.fuse(mean, log_var, present).mean
+    means = mean[ext._lead_index]
+    keep = present[ext._lead_index].unsqueeze(-1)
+    means = torch.where(keep, means, torch.zeros_like(means))
+    return means.permute(1, 0, 2).reshape(means.shape[1], -1)
+
+
+SIX = ("I", "II", "III", "aVR", "aVL", "aVF")
+MODEL_MODES = [("lsemvae", "concat_means"), ("lsemvae", "fused_mean"), ("betavae", "fused_mean"), ("stmem", "pooled")]
+
+
+def _project_model(name, length):
+    from kale_ext.embed.zoo import build_model
+
+    torch.manual_seed(0)
+    options = {"preset": "small"} if name == "stmem" else {}
+    return build_model(name, SIX, input_dim=length, latent_dim=4, **options).eval()
+
+
+@pytest.mark.parametrize("name, mode", MODEL_MODES)
+def test_window_zero_gives_the_whole_record_features_bit_for_bit(name, mode):
+    """WINDOW 0 (and a window as long as the record) reproduces the features of the unwindowed path exactly."""
+    length = 60
+    vae = _project_model(name, length)
+    x = torch.randn(3, 6, length)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, True, True], [True] * 6])
+    x[1, 3] = float("nan")
+    with torch.no_grad():
+        for m in (mask, None):
+            reference = _whole_record_reference(
+                LatentFeatureExtractor(vae, SIX, mode), x if m is not None else x.nan_to_num(), m
+            )
+            for window in (0, length):
+                ext = LatentFeatureExtractor(vae, SIX, mode, window=window)
+                assert torch.equal(ext(x if m is not None else x.nan_to_num(), m), reference)
+
+
+@pytest.mark.parametrize("name, mode", MODEL_MODES)
+def test_whole_record_features_of_a_windowed_model_use_every_window(name, mode):
+    """Windows 0, 16, 24 of a 40-sample record (the last flush with the end): mean pooling is their mean."""
+    window, length = 16, 40
+    vae = _project_model(name, window)
+    x = torch.randn(2, 6, length)
+    mask = torch.tensor([[True] * 6, [True, False, True, True, True, True]])
+    single = LatentFeatureExtractor(vae, SIX, mode)
+    with torch.no_grad():
+        expected = torch.stack([single(x[..., s : s + window], mask) for s in (0, 16, 24)]).mean(0)
+        for pooling in ("mean", "poe"):
+            ext = LatentFeatureExtractor(vae, SIX, mode, window=window, pooling=pooling)
+            feats = ext(x, mask)
+            assert feats.shape == expected.shape and torch.isfinite(feats).all()
+            if pooling == "mean" or mode == "pooled":
+                torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
+            for lo, hi in ((0, 8), (16, 24), (32, 40)):  # a change in any window changes the features
+                y = x.clone()
+                y[:, :, lo:hi] += 1.0
+                assert not torch.allclose(ext(y, mask), feats), (pooling, lo)
+
+
+def test_poe_pooling_is_the_product_of_the_windows_posteriors_per_lead():
+    window, length = 16, 48
+    vae = _project_model("lsemvae", window)
+    x = torch.randn(2, 6, length)
+    mask = torch.tensor([[True] * 6, [True, True, False, True, True, True]])
+    with torch.no_grad():
+        posts = [vae.encode(x[..., s : s + window], leads=SIX, mask=mask) for s in (0, 16, 32)]
+        precision = sum(torch.exp(-p.log_var) for p in posts)
+        mean = sum(torch.exp(-p.log_var) * p.mean for p in posts) / precision
+        present = posts[0].mask
+        concat = LatentFeatureExtractor(vae, SIX, "concat_means", window=window, pooling="poe")(x, mask)
+        expected = torch.where(present.unsqueeze(-1), mean, torch.zeros(())).permute(1, 0, 2).reshape(2, -1)
+        torch.testing.assert_close(concat, expected, atol=1e-5, rtol=1e-5)
+        fused = LatentFeatureExtractor(vae, SIX, "fused_mean", window=window, pooling="poe")(x, mask)
+        log_var = torch.where(present.unsqueeze(-1), -torch.log(precision), torch.zeros(()))
+        torch.testing.assert_close(fused, vae.fuse(expected.view(2, 6, -1).permute(1, 0, 2), log_var, present).mean)
+
+
+def test_extractor_refuses_unknown_pooling_and_negative_windows(vae):
+    with pytest.raises(ValueError, match="poe"):
+        LatentFeatureExtractor(vae, LEADS, window=8, pooling="max")
+    with pytest.raises(ValueError, match="whole records"):
+        LatentFeatureExtractor(vae, LEADS, window=-1)
+    with pytest.raises(ValueError, match="window=16"):  # a windowed model given whole records without its window
+        LatentFeatureExtractor(vae, LEADS)(torch.randn(2, len(LEADS), 4 * T))
