@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from kale_ext.evaluate.metrics import METRIC_NAMES, auroc, binary_metrics, bootstrap_cis, summarise_folds
+from kale_ext.utils.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def write_metrics_json(
     payload.update(extra)  # keyword-only schema arguments cannot be repeated in extra
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     logger.info("wrote %s", path)
     return path
 
@@ -257,7 +258,7 @@ def write_predictions_csv(path: str | Path, df: pd.DataFrame) -> Path:
     ordered = df[first + [c for c in df.columns if c not in first]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ordered.to_csv(path, index=False)
+    atomic_write(path, lambda tmp: ordered.to_csv(tmp, index=False))
     logger.info("wrote %s (%d subjects)", path, len(ordered))
     return path
 
@@ -366,10 +367,10 @@ def write_results_table(
     md_path, csv_path = Path(md_path), Path(csv_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     table = pd.DataFrame([dict(r) for r in rows])
     table.insert(0, "synthetic", bool(synthetic))
-    table.to_csv(csv_path, index=False)
+    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     logger.info("wrote %s and %s (%d rows)", md_path, csv_path, len(rows))
     return md_path, csv_path
 

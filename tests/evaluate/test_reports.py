@@ -176,3 +176,24 @@ def test_roc_png_is_written_and_non_trivial(tmp_path, oof):
     rgb = image[..., :3]
     assert rgb.std() > 0.05  # curves and text, not a blank canvas
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 20  # several colours: per-fold curves
+
+
+def test_predictions_and_tables_are_written_atomically(tmp_path, monkeypatch):
+    """A write that dies half way (disk full, kill) leaves the previous file whole, not a truncated one."""
+    from kale_ext.evaluate.reports import predictions_frame, write_predictions_csv
+
+    y = np.array([0, 1, 0, 1])
+    table = predictions_frame(["a", "b", "c", "d"], y, np.array([0.1, 0.9, 0.2, 0.8]), np.array([1, 1, 2, 2]), 0.5)
+    path = write_predictions_csv(tmp_path / "predictions.csv", table)
+    before = path.read_bytes()
+    real = pd.DataFrame.to_csv
+
+    def dies_half_way(self, target, *args, **kwargs):
+        real(self.head(1), target, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", dies_half_way)
+    with pytest.raises(OSError):
+        write_predictions_csv(path, table)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]  # no temporary file left behind
