@@ -45,7 +45,15 @@ import torch
 
 from kale_ext.embed.zoo import MODELS, build_model
 from kale_ext.evaluate.metrics import auroc, bootstrap_ci
-from kale_ext.evaluate.probe import fit_linear_lead_map, generate_leads, generation_metrics, make_probe
+from kale_ext.evaluate.probe import (
+    ArraySignals,
+    classifier_probability,
+    fit_linear_lead_map,
+    frozen_features,
+    generate_leads,
+    generation_metrics,
+    make_probe,
+)
 from kale_ext.loaddata.diagnosis_labels import read_statement_table, statement_labels
 from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
 from kale_ext.loaddata.leads import CANONICAL_LEADS, LIMB_LEADS
@@ -53,7 +61,6 @@ from kale_ext.loaddata.record_table import list_source_records
 from kale_ext.loaddata.source_sets import combine_sources
 from kale_ext.pipeline.finetune import FinetuneSettings, MaskedInputClassifier, fit_classifier
 from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
-from kale_ext.predict.heads import LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
@@ -182,41 +189,8 @@ def _epoch_log(out: Path) -> pd.DataFrame:
     return frame[keep].groupby("epoch").mean(numeric_only=True).reset_index() if "epoch" in frame else pd.DataFrame()
 
 
-@torch.no_grad()
-def features(model, x: np.ndarray, input_leads, present, window: int, batch: int = 64) -> np.ndarray:
-    """Frozen features (N, F) of whole records: the model's extractor over every window of each record."""
-    ext = LatentFeatureExtractor(model, tuple(input_leads), _mode(model), window=window).eval()
-    keep = torch.tensor([lead in present for lead in input_leads], dtype=torch.bool)
-    out = []
-    for s in range(0, len(x), batch):
-        xb = torch.as_tensor(x[s : s + batch], dtype=torch.float32)
-        out.append(ext(xb, keep.expand(len(xb), -1).clone()).numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
 def _mode(model) -> str:
     return "pooled" if hasattr(model, "features") and not hasattr(model, "fuse") else "fused_mean"
-
-
-class _Signals(torch.utils.data.Dataset):
-    """Signals, all-present masks and labels in memory (items for ``fit_classifier``)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x = torch.as_tensor(x, dtype=torch.float32)
-        self.y = torch.as_tensor(y, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"signals": self.x[i], "mask": torch.ones(self.x.shape[1], dtype=torch.bool), "label": self.y[i]}
-
-
-@torch.no_grad()
-def _net_prob(net, x: np.ndarray) -> np.ndarray:
-    xb = torch.as_tensor(x, dtype=torch.float32)
-    keep = torch.ones(xb.shape[0], xb.shape[1], dtype=torch.bool)
-    return torch.softmax(net.eval()(xb, keep).float(), dim=1)[:, 1].numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -357,7 +331,7 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
     for name, model in models.items():
         window = W if METHODS[name][1] else 0
         for setting, present in SETTINGS.items():
-            feats[(name, setting)] = features(model, x_lab, CANONICAL_LEADS, present, window)
+            feats[(name, setting)] = frozen_features(model, x_lab, CANONICAL_LEADS, present, _mode(model), window)
     timings["features"] = time.perf_counter() - t0
     is_test = test[lab_idx]
     subjects = table["subject_id"].reindex(ids[lab_idx]).astype(str).to_numpy()
@@ -392,8 +366,10 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
                         net = MaskedInputClassifier(build("xresnet1d", T, D, args.seed + s, leads=present))
                         fs_ = FinetuneSettings(epochs=preset["sup_epochs"], batch_size=32, lr=1e-3,
                                                loss="cross_entropy", seed=args.seed + s, progress=False)  # fmt: skip
-                        fit_classifier(net, _Signals(x_tr, y_tr[pick]), y_tr[pick], fs_)
-                        a, lo, hi = score(y_te, _net_prob(net, x_te), subjects[te_rows], args.n_boot, s)
+                        fit_classifier(net, ArraySignals(x_tr, y_tr[pick]), y_tr[pick], fs_)
+                        a, lo, hi = score(
+                            y_te, classifier_probability(net, x_te, present), subjects[te_rows], args.n_boot, s
+                        )
                         rows.append({**base, "leads": setting, "method": "xresnet1d (from scratch)",
                                      "fraction": fraction, "seed": s, "n_labels": len(pick), "auroc": a,
                                      "ci_lo": lo, "ci_hi": hi})  # fmt: skip

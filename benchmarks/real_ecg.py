@@ -40,12 +40,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from kale_ext.embed.zoo import MODELS, build_model
 from kale_ext.evaluate.probe import (
+    ArraySignals,
+    classifier_probability,
     cross_validated_probe,
     fit_linear_lead_map,
+    frozen_features,
     generate_leads,
     generation_metrics,
     intervals_overlap,
@@ -201,46 +203,9 @@ TASK_TITLES = {
 }
 
 
-class _Signals(Dataset):
-    """Signals, masks and labels in memory (items for ``fit_classifier``)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x = torch.as_tensor(x, dtype=torch.float32)
-        self.y = torch.as_tensor(y, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"signals": self.x[i], "mask": torch.ones(self.x.shape[1], dtype=torch.bool), "label": self.y[i]}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Features, probes, supervised baseline
 # ---------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_features(
-    model, x: np.ndarray, input_leads, present, mode: str, batch: int = 64, window: int = 0
-) -> np.ndarray:
-    """Frozen features (N, F) of ``x`` (N, len(input_leads), T) with only the ``present`` leads unmasked (every
-    window of a record pooled by the mean for a windowed model)."""
-    ext = LatentFeatureExtractor(model, tuple(input_leads), mode, window=window).eval()
-    keep = torch.tensor([lead in present for lead in input_leads], dtype=torch.bool)
-    out = []
-    for s in range(0, len(x), batch):
-        xb = torch.as_tensor(x[s : s + batch], dtype=torch.float32)
-        out.append(ext(xb, keep.expand(len(xb), -1).clone()).numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-@torch.no_grad()
-def _predict(net, x: np.ndarray, present, leads) -> np.ndarray:
-    keep = torch.tensor([lead in present for lead in leads], dtype=torch.bool)
-    xb = torch.as_tensor(x, dtype=torch.float32)
-    logits = net.eval()(xb, keep.expand(len(xb), -1).clone())
-    return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
-
-
 def supervised_oof(x12: np.ndarray, y: np.ndarray, folds: np.ndarray, T: int, D: int, epochs: int, seed: int) -> dict:
     """Out-of-fold probabilities of xResNet1d trained end to end (12-lead and 6-lead nets) on every subset."""
     prob = {f"12L>{s}": np.full(folds.shape, np.nan) for s in SUBSETS}
@@ -255,10 +220,10 @@ def supervised_oof(x12: np.ndarray, y: np.ndarray, folds: np.ndarray, T: int, D:
                 settings = FinetuneSettings(
                     epochs=epochs, batch_size=32, lr=1e-3, loss="cross_entropy", seed=s, progress=False
                 )
-                fit_classifier(net, _Signals(x[train], y[train]), y[train], settings)
+                fit_classifier(net, ArraySignals(x[train], y[train]), y[train], settings)
                 subsets = SUBSETS if trained == "12L" else SUBSETS_6
                 for name in subsets:
-                    prob[f"{trained}>{name}"][r, test] = _predict(net, x[test], SUBSETS[name], leads)
+                    prob[f"{trained}>{name}"][r, test] = classifier_probability(net, x[test], leads, SUBSETS[name])
     return prob
 
 
@@ -414,12 +379,12 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
         for mode in method_of[name].get("modes", FEATURE_MODES):
             key = f"{name}/{mode}"
             feats[key] = {
-                f"12L>{s}": encode_features(model, x_ludb, CANONICAL_LEADS, leads, mode, window=window)
+                f"12L>{s}": frozen_features(model, x_ludb, CANONICAL_LEADS, leads, mode, window=window)
                 for s, leads in SUBSETS.items()
             }
             feats[key].update(
                 {
-                    f"6L>{s}": encode_features(model, x_ludb[:, limb_idx], LIMB_LEADS, SUBSETS[s], mode, window=window)
+                    f"6L>{s}": frozen_features(model, x_ludb[:, limb_idx], LIMB_LEADS, SUBSETS[s], mode, window=window)
                     for s in SUBSETS_6
                 }
             )

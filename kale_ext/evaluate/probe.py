@@ -28,10 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from kale_ext.evaluate.cross_validation import fold_split, make_folds
 from kale_ext.evaluate.metrics import auroc, bootstrap_ci
 from kale_ext.loaddata.windows import check_window, window_starts
+from kale_ext.predict.heads import LatentFeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -436,3 +438,81 @@ def generate_leads(
             out[b : b + batch_size, :, start : start + width] += recon.float().cpu().numpy()
     model.train(was_training)
     return out / count
+
+
+class ArraySignals(Dataset):
+    """In-memory signals with every lead present and a label per record (items for ``fit_classifier``).
+
+    Args:
+        x: (N, L, T) signals.
+        y: (N,) integer labels.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        self.y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+    def __len__(self) -> int:
+        """Number of records."""
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        """``signals`` (L, T), ``mask`` (L,) all True, ``label``."""
+        return {"signals": self.x[i], "mask": torch.ones(self.x.shape[1], dtype=torch.bool), "label": self.y[i]}
+
+
+def _present_mask(input_leads: Sequence[str], present: Sequence[str], n: int) -> torch.Tensor:
+    keep = torch.tensor([lead in present for lead in input_leads], dtype=torch.bool)
+    return keep.expand(n, -1).clone()
+
+
+@torch.no_grad()
+def frozen_features(
+    model: nn.Module,
+    x: np.ndarray,
+    input_leads: Sequence[str],
+    present: Sequence[str],
+    mode: str,
+    window: int = 0,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Features (N, F) of a frozen model with only the ``present`` leads unmasked.
+
+    Args:
+        model: a pre-trained model (see :class:`kale_ext.predict.heads.LatentFeatureExtractor`).
+        x: (N, len(input_leads), T) whole records.
+        input_leads: names of the channels of ``x``.
+        present: the leads left unmasked (others are absent, never zero-filled evidence).
+        mode: feature mode of the extractor (``fused_mean``, ``concat_means`` or ``pooled``).
+        window: the model's pre-training window (every window of a record is pooled); 0 = whole records.
+        batch_size: records per forward pass.
+
+    Returns:
+        float64 array (N, F).
+    """
+    ext = LatentFeatureExtractor(model, tuple(input_leads), mode, window=window).eval()
+    out = []
+    for s in range(0, len(x), batch_size):
+        xb = torch.as_tensor(np.asarray(x[s : s + batch_size]), dtype=torch.float32)
+        out.append(ext(xb, _present_mask(input_leads, present, len(xb))).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+@torch.no_grad()
+def classifier_probability(
+    net: nn.Module, x: np.ndarray, input_leads: Sequence[str], present: Sequence[str] | None = None
+) -> np.ndarray:
+    """Positive-class probability (N,) of a classifier ``net(x, mask) -> logits (N, 2)`` with ``present`` leads.
+
+    Args:
+        net: e.g. :class:`kale_ext.pipeline.finetune.MaskedInputClassifier` (put in eval mode here).
+        x: (N, len(input_leads), T) signals.
+        input_leads: names of the channels of ``x``.
+        present: leads left unmasked (default: all of ``input_leads``).
+
+    Returns:
+        float array (N,).
+    """
+    xb = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    mask = _present_mask(input_leads, input_leads if present is None else present, len(xb))
+    return torch.softmax(net.eval()(xb, mask).float(), dim=1)[:, 1].numpy()
