@@ -36,7 +36,6 @@ import logging
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +63,7 @@ from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+from kale_ext.utils.console import script_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lsemvae_ph"))
 from ecg_tables import (  # noqa: E402 - data set descriptions shared with the example
@@ -244,11 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
     """Run the benchmark; returns the exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "kale_ext"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", module="sklearn")
+    script_logging()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -34,7 +34,6 @@ import shutil
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +68,7 @@ from kale_ext.predict.heads import FeatureClassifier, LatentFeatureExtractor
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
 from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+from kale_ext.utils.console import script_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lsemvae_ph"))
 from ecg_tables import LUDB_PREFIX, ludb_labels  # noqa: E402 - data set descriptions shared with the example
@@ -286,12 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
     """Run the benchmark; returns the exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "kale_ext"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", module="sklearn")  # convergence notes of the inner-CV probe grid
+    script_logging()
     torch.set_num_threads(args.threads)  # one thread is fastest for these small convolutions on shared cores
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from tqdm.auto import tqdm
 
@@ -101,3 +102,20 @@ def quiet_lightning() -> LightningNoteFilter:
         if note_filter not in log.filters:
             log.addFilter(note_filter)
     return note_filter
+
+
+def script_logging(level: int = logging.INFO) -> None:
+    """Logging of a benchmark script's entry point: timed lines from the script, Lightning and the library quiet.
+
+    Lightning, its fabric and ``kale_ext`` log at WARNING; the notes about DataLoader workers and an unused GPU and
+    scikit-learn's convergence notes are not shown. Process-wide: call it from an entry point only.
+
+    Args:
+        level: level of the root logger (the script's own lines).
+    """
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "kale_ext"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", module="sklearn")

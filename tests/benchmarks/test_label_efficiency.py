@@ -1,22 +1,15 @@
 """The label-efficiency benchmark: missing-data exit code, label draws, and a --small run on the real records."""
 
-import functools
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "label_efficiency.py"
 
-
-@functools.lru_cache(maxsize=1)
 def _module():
-    spec = importlib.util.spec_from_file_location("label_efficiency_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("label_efficiency")
 
 
 def _root() -> Path | None:

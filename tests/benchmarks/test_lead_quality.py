@@ -1,17 +1,12 @@
 """The lead-quality benchmark: a --small run (synthetic records) writes every figure it promises."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lead_quality.py"
+from helpers.scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("lead_quality_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lead_quality")
 
 
 def test_small_run_reports_both_arms_and_every_kind(tmp_path, capsys):

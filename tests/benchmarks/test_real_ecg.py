@@ -1,13 +1,12 @@
 """The real-ECG benchmark: label parsing on the real table, the missing-data exit code and a --small run."""
 
-import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "real_ecg.py"
 
@@ -21,12 +20,8 @@ def _ludb() -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
 def _module():
-    spec = importlib.util.spec_from_file_location("real_ecg_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_ecg")
 
 
 def test_missing_data_exits_with_code_2(tmp_path, capsys):

@@ -54,3 +54,18 @@ def test_lightning_notes_once_and_tips_never():
         log.level = old_level
     assert records == ["GPU available: False, used: False"] + ["a note that always passes"] * 3
     assert not interactive(io.StringIO())  # a file or pipe is not a terminal: no progress bars
+
+
+def test_script_logging_quiets_lightning_and_the_library():
+    import logging
+
+    from kale_ext.utils.console import script_logging
+
+    names = ("pytorch_lightning", "lightning_fabric", "kale_ext")
+    before = {name: logging.getLogger(name).level for name in names}
+    try:
+        script_logging()
+        assert all(logging.getLogger(name).level == logging.WARNING for name in names)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
