@@ -1,24 +1,35 @@
-"""Does the gate weigh lead quality? A corrupted lead's gate weight against its clean weight on held-out records.
+"""Training for the deployed setting, measured on real records: lead dropout, subset terms, a gate that weighs lead
+quality, and the gate's balance weights chosen on a held-out criterion.
 
-Two LS-EMVAE models are pre-trained label-free on the same training records, one without and one with the corruption
-augmentation (``kale_ext.prepdata.corruption``, ``PRETRAIN.CORRUPT_PROB`` in the example). On held-out records
-(split by subject), one lead per record is corrupted (each kind in turn: noise burst, flat line, baseline wander,
-inversion; the lead drawn with a fixed seed) and the gate weights are read in eval mode, z at the mean:
+Data: PTB-XL in its own layout under ``../shared/data/ecg/ptbxl`` (or the full release, ``--ptbxl``), with LUDB and
+CinC-2021 added, label-free, to pre-training (as ``benchmarks/label_efficiency.py``, whose readers this script uses).
 
-- ``share_below_third``: share of held-out records whose corrupted lead's weight falls below a third of its clean
-  weight (the issue's target: >= 0.8 with the augmentation);
-- ``median_ratio``: median of corrupted / clean weight of that lead;
-- ``poe_clean`` / ``poe_corrupted``: mean weight of the shared PoE expert;
-- a figure (``lead_quality.png``, when matplotlib is installed): mean weight per lead, clean vs one lead corrupted;
-- ``six_lead``: how far the fused mean from the 6 limb leads is from the 12-lead one (share of the between-record
-  variance, centred cosine), for every arm, including a third one pre-trained with lead dropout and no corruption
-  (``--lead-dropout``, 0 = no third arm).
+Protocol (every number is measured in the run):
 
-Data: LUDB (+ CinC-2021, label-free) under ``../shared/data/ecg`` at a CPU preset (100 Hz x 10 s); ``--small`` uses
-smooth synthetic 12-lead signals instead (a test run, seconds). Windowed pre-training (issue 17) is not used here.
+1. Split by PTB-XL's ``strat_fold``: folds 1-8 are the development part, 9-10 the test part. Label-free pre-training
+   uses every record except the test part (so the gate and the 6-lead posterior are read on subjects no model saw).
+2. One LS-EMVAE per arm (``ARMS``), windowed like the real-data preset (``configs/real_cpu.yaml``: 100 Hz, 2.5-s
+   windows, latent 32), differing only in the switch the arm names: lead dropout, sub-ELBO terms, the corruption
+   augmentation (``PRETRAIN.CORRUPT_PROB``), the gate's input (``MODEL.GATE_CONTEXT``), the balance weights
+   (``PRETRAIN.GATE_IMPORTANCE`` / ``GATE_BALANCE_KL`` scaled together), and the ablations PoE-only / uniform weights.
+3. Gate: on the test part's first 2.5-s window, one lead per record corrupted (each kind in turn; the lead drawn with
+   a fixed seed), with 12 leads present and with the 6 limb leads present: the share of records whose corrupted
+   lead's weight falls below a third of its clean weight, and the median ratio.
+4. The 6-lead posterior: how far the fused mean from the 6 limb leads is from the 12-lead one (share of the
+   between-record variance; centred cosine), on the test part.
+5. Downstream, 6 limb leads (the served setting), every PTB-XL superclass: a logistic probe on frozen features of
+   clean records. Development criterion: 8-fold cross-validated AUROC over ``strat_fold`` 1-8, on clean records and
+   with one limb lead corrupted (the same probes score both). Test: the probe fitted on folds 1-8 scores folds 9-10,
+   clean and with one limb lead corrupted (each kind), AUROC with a subject-level bootstrap interval.
+   The arms' choices (``choices`` in results.json) are made on the development criterion only.
 
-Run: ``python benchmarks/lead_quality.py [--out outputs/lead_quality] [--epochs 8] [--corrupt-prob 0.5] [--small]``.
-Writes ``results.json`` and prints a Markdown table. Exit code 2 when the data folder is absent (without --small).
+Outputs in ``--out``: ``arms/<arm>.json`` (one per arm; a rerun skips arms already measured, so the job resumes and
+can be split: ``--arms a,b`` in two processes), ``results.json``, ``results.md``, ``gate_weights.png`` (mean weight
+per expert, clean vs lead II corrupted, per arm). ``--small`` runs a few records and one epoch (a test of the
+script, not a result).
+
+Run: ``python benchmarks/lead_quality.py [--out outputs/lead_quality] [--epochs 60] [--arms plain,corrupt] [--small]``.
+Exit code 2 when the data are absent.
 """
 
 from __future__ import annotations
@@ -26,91 +37,99 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
-import warnings
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from kale_ext.embed.zoo import build_model
-from kale_ext.loaddata.leads import CANONICAL_LEADS
-from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining, split_by_subject
+from kale_ext.evaluate.metrics import auroc
+from kale_ext.evaluate.probe import cross_validated_probe, frozen_features, make_probe
+from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+from kale_ext.loaddata.leads import CANONICAL_LEADS, LIMB_LEADS
+from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
 from kale_ext.predict.objectives import build_objective
 from kale_ext.prepdata.corruption import CORRUPTION_KINDS, LeadCorruption, corrupt_leads
+from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
+from kale_ext.prepdata.ecg_transforms import PreprocessSpec
+from kale_ext.utils.console import script_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from label_efficiency import TASKS, TEST_FOLDS, default_root, read_ptbxl, read_unlabelled, score  # noqa: E402
 
 logger = logging.getLogger("lead_quality")
 
-
-class _Signals(Dataset):
-    """Items ``signals`` (12, T), ``mask`` (12,) from arrays, with subject ids."""
-
-    def __init__(self, x: np.ndarray, mask: np.ndarray, subjects: np.ndarray):
-        self.x, self.m, self.subject_ids = torch.as_tensor(x).float(), torch.as_tensor(mask).bool(), subjects
-        self.leads = CANONICAL_LEADS
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"signals": self.x[i], "mask": self.m[i]}
-
-
-def synthetic(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth 12-lead signals: 3 shared sources mixed per lead plus lead noise, z-scored per lead."""
-    rng = np.random.default_rng(seed)
-    t = np.linspace(0, 1, length)
-    sources = np.stack([np.sin(2 * np.pi * (rng.uniform(2, 6, (n, 1)) * t + rng.uniform(0, 1, (n, 1)))) for _ in "abc"])
-    mix = rng.normal(size=(12, 3))
-    x = np.einsum("lk,knt->nlt", mix, sources) + 0.2 * rng.normal(size=(n, 12, length))
-    x = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
-    return x.astype(np.float32), np.ones((n, 12), dtype=bool)
+PRESET = {"fs": 100.0, "window": 250, "latent": 32, "epochs": 60, "batch": 32, "lr": 1e-3}
+_BASE = {"dropout": 0.0, "subset": "none", "corrupt": 0.0, "context": "expert", "fusion": "gate", "balance": 1.0}
+# arm -> the switches that differ from the real-data preset (``_BASE``: today's configs/real_cpu.yaml).
+ARMS = {
+    "plain": {},
+    "lead dropout 0.5": {"dropout": 0.5},
+    "subset terms": {"subset": "subset"},
+    "corruption": {"corrupt": 0.5},
+    "corruption + consensus gate": {"corrupt": 0.5, "context": "consensus"},
+    "corruption + consensus gate / balance 0": {"corrupt": 0.5, "context": "consensus", "balance": 0.0},
+    "corruption + consensus gate / balance x3": {"corrupt": 0.5, "context": "consensus", "balance": 3.0},
+    "corruption / PoE only": {"corrupt": 0.5, "fusion": "poe"},
+    "corruption / uniform weights": {"corrupt": 0.5, "fusion": "uniform"},
+}
+SMALL_ARMS = ("plain", "corruption + consensus gate", "corruption / PoE only")
+# Default balance weights of the objective (PRETRAIN.GATE_IMPORTANCE, PRETRAIN.GATE_BALANCE_KL), scaled by an arm.
+BALANCE = {"gate_importance": 0.1, "gate_balance_kl": 0.3}
 
 
-def real(data: Path, out: Path, fs: float) -> tuple[np.ndarray, np.ndarray]:
-    """LUDB (+ CinC-2021 beside it) cached at ``fs`` Hz x 10 s, 12 leads, z-scored per lead by the library."""
-    from kale_ext.loaddata.ecg_dataset import ECGLeadDataset  # noqa: PLC0415 - only for real data
-    from kale_ext.loaddata.wfdb_sources import list_records  # noqa: PLC0415
-    from kale_ext.prepdata.ecg_cache import prepare_ecg_cache  # noqa: PLC0415
-    from kale_ext.prepdata.ecg_transforms import PreprocessSpec  # noqa: PLC0415
-
-    refs = list_records(data / "data" if (data / "data").is_dir() else data, "header_tree")
-    cinc = data.parent / "cinc2021"
-    if cinc.is_dir():
-        refs = refs + list_records(cinc, "header_tree")
-    length = int(round(10 * fs))
-    cache = out / f"cache_{int(fs)}hz_{length}"
-    prepare_ecg_cache(refs, cache, spec=PreprocessSpec(target_fs=fs, target_length=length), leads="12L",
-                      num_workers=1, progress=False)  # fmt: skip
-    ds = ECGLeadDataset(cache, "12L")
-    batch = ds.get_batch(np.arange(len(ds)))
-    return batch["signals"].numpy(), batch["mask"].numpy().astype(bool)
+def arm_slug(arm: str) -> str:
+    """A file name for an arm."""
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
 
 
-def pretrain(
-    train: _Signals, length: int, latent: int, epochs: int, corrupt: float, out: Path, seed: int, dropout: float = 0.0
-):
-    """LS-EMVAE pre-trained with the library's ELBO defaults, with or without corruption augmentation, lead dropout."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-training one arm
+# ---------------------------------------------------------------------------------------------------------------------
+def pretrain_arm(arm: str, dataset, out: Path, preset: dict, seed: int) -> torch.nn.Module:
+    """LS-EMVAE pre-trained with the arm's switches (the library's ELBO objective and defaults otherwise)."""
+    a = {**_BASE, **ARMS[arm]}
     torch.manual_seed(seed)
-    model = build_model("lsemvae", CANONICAL_LEADS, length, latent, lead_dropout=dropout)
-    settings = PretrainSettings(epochs=epochs, batch_size=32, lr=1e-3, val_fraction=0.0, seed=seed, accelerator="cpu",
-                                progress_bar=False, resume=False, log_every_n_steps=1)  # fmt: skip
-    augment = LeadCorruption(corrupt, generator=None) if corrupt > 0 else None
-    objective = build_objective("elbo", beta_warmup_epochs=max(epochs / 2, 0.5))
-    run_pretraining(model, objective, train, out, settings, build_args={}, augment=augment)
+    options = {"lead_dropout": a["dropout"], "gate_context": a["context"]}
+    if a["fusion"] == "poe":
+        options["no_moe"] = True
+    elif a["fusion"] == "uniform":
+        options["no_gate"] = True
+    model = build_model("lsemvae", CANONICAL_LEADS, preset["window"], preset["latent"], **options)
+    settings = PretrainSettings(
+        epochs=preset["epochs"], batch_size=preset["batch"], lr=preset["lr"], val_fraction=0.1, seed=seed,
+        accelerator="cpu", progress_bar=False, resume=False, log_every_n_steps=10, window=preset["window"],
+    )  # fmt: skip
+    objective = build_objective(
+        "elbo", beta_warmup_epochs=max(preset["epochs"] / 3, 0.5), subset_terms=a["subset"],
+        **{k: v * a["balance"] for k, v in BALANCE.items()},
+    )  # fmt: skip
+    augment = LeadCorruption(a["corrupt"]) if a["corrupt"] > 0 else None
+    run_pretraining(model, objective, dataset, out, settings, build_args={}, leads=dataset.leads, augment=augment)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return model.eval()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Gate and posterior measurements (on the model's input unit, one window per record)
+# ---------------------------------------------------------------------------------------------------------------------
+def _present(names, n: int) -> torch.Tensor:
+    return torch.tensor([lead in names for lead in CANONICAL_LEADS]).expand(n, -1).clone()
+
+
 @torch.no_grad()
-def gate_response(model, x: torch.Tensor, mask: torch.Tensor, seed: int) -> dict:
-    """Per kind: the corrupted lead's weight, clean and corrupted, for every held-out record, and the mean weights."""
+def gate_response(model, x: torch.Tensor, present, seed: int) -> dict:
+    """Per corruption kind: share of records whose corrupted lead's weight < 1/3 of its clean weight, median ratio."""
+    mask = _present(present, len(x))
     clean = model(x, mask=mask, sample=False).fusion.weights  # (13, B): 12 leads + the PoE expert
     result = {}
     for k, kind in enumerate(CORRUPTION_KINDS):
         bad = corrupt_leads(x, mask, prob=1.0, kinds=[kind], generator=torch.Generator().manual_seed(seed + k))
         weights = model(bad.signals, mask=mask, sample=False).fusion.weights
-        lead = bad.corrupted.float().argmax(1)  # (B,)
+        lead = bad.corrupted.float().argmax(1)
         rows = torch.arange(len(lead))
         w_clean, w_bad = clean[lead, rows], weights[lead, rows]
         ratio = w_bad / w_clean.clamp_min(1e-12)
@@ -122,37 +141,148 @@ def gate_response(model, x: torch.Tensor, mask: torch.Tensor, seed: int) -> dict
             "poe_clean": float(clean[-1].mean()),
             "poe_corrupted": float(weights[-1].mean()),
         }
-    only_ii = torch.zeros_like(mask)
-    only_ii[:, 1] = mask[:, 1]  # lead II noisy in every record, for the figure
-    noisy = corrupt_leads(x, only_ii, prob=1.0, kinds=["noise"], generator=torch.Generator().manual_seed(seed)).signals
-    result["six_lead"] = six_lead_shift(model, x, mask)
-    result["_figure"] = {
-        "clean": clean.mean(1).tolist(),
-        "lead II noisy": model(noisy, mask=mask, sample=False).fusion.weights.mean(1).tolist(),
-    }
     return result
 
 
 @torch.no_grad()
-def six_lead_shift(model, x: torch.Tensor, mask: torch.Tensor) -> dict:
-    """How far the fused mean from the 6 limb leads is from the 12-lead one, on the same records.
+def figure_weights(model, x: torch.Tensor, seed: int) -> dict:
+    """Mean weight per expert (12 leads + PoE), clean and with lead II corrupted (each kind) in every record."""
+    mask = _present(CANONICAL_LEADS, len(x))
+    only_ii = torch.zeros_like(mask)
+    only_ii[:, CANONICAL_LEADS.index("II")] = True
+    out = {"clean": model(x, mask=mask, sample=False).fusion.weights.mean(1).tolist()}
+    for k, kind in enumerate(CORRUPTION_KINDS):
+        bad = corrupt_leads(x, only_ii, prob=1.0, kinds=[kind], generator=torch.Generator().manual_seed(seed + k))
+        out[f"II {kind}"] = model(bad.signals, mask=mask, sample=False).fusion.weights.mean(1).tolist()
+    return out
 
-    ``shift``: mean squared distance over the total variance of the 12-lead means across records (0 = the same
-    posterior mean); ``centred_cosine``: mean cosine of the two means after removing each one's mean over records.
-    """
-    limb = torch.zeros_like(mask)
-    limb[:, :6] = mask[:, :6]  # I, II, III, aVR, aVL, aVF come first in CANONICAL_LEADS
-    mu12 = model(x, mask=mask, sample=False).fusion.mean
-    mu6 = model(x, mask=limb, sample=False).fusion.mean
+
+@torch.no_grad()
+def six_lead_shift(model, x: torch.Tensor) -> dict:
+    """Distance of the 6-limb-lead fused mean from the 12-lead one: share of between-record variance, centred cosine."""
+    mu12 = model(x, mask=_present(CANONICAL_LEADS, len(x)), sample=False).fusion.mean
+    mu6 = model(x, mask=_present(LIMB_LEADS, len(x)), sample=False).fusion.mean
     variance = (mu12 - mu12.mean(0)).square().sum(1).mean().clamp_min(1e-12)
-    shift = (mu6 - mu12).square().sum(1).mean() / variance
     a, b = mu12 - mu12.mean(0), mu6 - mu6.mean(0)
-    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1).mean()
-    return {"shift": float(shift), "centred_cosine": float(cosine)}
+    return {
+        "shift": float((mu6 - mu12).square().sum(1).mean() / variance),
+        "centred_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
+    }
 
 
-def figure(results: dict, path: Path) -> bool:
-    """Bar chart of the mean weight per expert, clean vs lead II noisy, for each arm; False without matplotlib."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Downstream: 6 limb leads, clean and with one limb lead corrupted
+# ---------------------------------------------------------------------------------------------------------------------
+def corrupted_records(x: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """Whole records with one limb lead per record corrupted by ``kind`` (the lead drawn with ``seed``)."""
+    xt = torch.as_tensor(x)
+    limb = _present(LIMB_LEADS, len(xt))
+    return corrupt_leads(
+        xt, limb, prob=1.0, kinds=[kind], generator=torch.Generator().manual_seed(seed)
+    ).signals.numpy()
+
+
+def downstream(model, x: np.ndarray, table, dev: np.ndarray, test: np.ndarray, window: int, seed: int, n_boot: int):
+    """Development (8-fold CV over strat_fold 1-8) and test AUROC per task, clean and per corruption kind, 6 leads."""
+    sets = {"clean": x}
+    for k, kind in enumerate(CORRUPTION_KINDS):
+        sets[kind] = corrupted_records(x, kind, seed + 10 * k)
+    feats = {
+        name: frozen_features(model, v, CANONICAL_LEADS, LIMB_LEADS, "fused_mean", window) for name, v in sets.items()
+    }
+    rows = []
+    for task in TASKS:
+        y_all = table[task].to_numpy()
+        known = ~np.isnan(y_all)
+        d, t = dev & known, test & known
+        y_dev, y_test = y_all[d].astype(int), y_all[t].astype(int)
+        folds = table["strat_fold"].to_numpy()[d]
+        cv = cross_validated_probe(feats["clean"][d], y_dev, folds, {n: f[d] for n, f in feats.items() if n != "clean"},
+                                   name="clean", seed=seed)  # fmt: skip
+        probe = make_probe(seed=seed).fit(feats["clean"][d], y_dev)
+        groups = table["subject_id"].to_numpy()[t]
+        for name, f in feats.items():
+            p = probe.predict_proba(f[t])[:, 1]
+            value, lo, hi = score(y_test, p, groups, n_boot, seed)
+            rows.append({"task": task, "input": name, "dev_auroc": auroc(y_dev, cv.prob[name][0]),
+                         "test_auroc": value, "test_lo": lo, "test_hi": hi})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One arm, measured
+# ---------------------------------------------------------------------------------------------------------------------
+def measure_arm(arm, pre_ds, X, table, dev, test, out: Path, preset: dict, args) -> dict:
+    """Pre-train one arm and measure it; the result is also written to ``out/arms/<arm>.json``."""
+    t0 = time.perf_counter()
+    model = pretrain_arm(arm, pre_ds, out / "models" / arm_slug(arm), preset, args.seed)
+    t_pre = time.perf_counter() - t0
+    W = preset["window"]
+    xw = torch.as_tensor(X[test][:, :, :W]).float()  # the test part's first window
+    gated = ARMS[arm].get("fusion", _BASE["fusion"]) == "gate"  # PoE-only and uniform weights have no gate to read
+    result = {
+        "arm": arm,
+        "switches": {**_BASE, **ARMS[arm]},
+        "pretrain_s": t_pre,
+        "gate_12L": gate_response(model, xw, CANONICAL_LEADS, args.seed + 100) if gated else None,
+        "gate_6L": gate_response(model, xw, LIMB_LEADS, args.seed + 200) if gated else None,
+        "figure": figure_weights(model, xw, args.seed + 300) if gated else None,
+        "six_lead": six_lead_shift(model, xw),
+        "downstream": downstream(model, X, table, dev, test, W, args.seed + 400, args.n_boot),
+    }
+    result["total_s"] = time.perf_counter() - t0
+    path = out / "arms" / f"{arm_slug(arm)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+def _task_mean(rows, column: str, inputs) -> float:
+    values = [r[column] for r in rows if r["input"] in inputs]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _gate_share(gate: dict | None) -> float:
+    """Mean over corruption kinds of the share of records below a third of the clean weight (NaN without a gate)."""
+    if not gate:
+        return float("nan")
+    return float(np.mean([gate[k]["share_below_third"] for k in CORRUPTION_KINDS]))
+
+
+def summarise(results: dict) -> dict:
+    """Per arm: dev/test mean AUROC over tasks (clean, corrupted), gate shares; and the choices made on dev only."""
+    summary = {}
+    for arm, r in results.items():
+        rows = r["downstream"]
+        s = {
+            "dev_clean": _task_mean(rows, "dev_auroc", ["clean"]),
+            "dev_corrupted": _task_mean(rows, "dev_auroc", CORRUPTION_KINDS),
+            "test_clean": _task_mean(rows, "test_auroc", ["clean"]),
+            "test_corrupted": _task_mean(rows, "test_auroc", CORRUPTION_KINDS),
+            **{f"share_below_third_{leads}": _gate_share(r[f"gate_{leads}"]) for leads in ("12L", "6L")},
+            "six_lead_shift": r["six_lead"]["shift"],
+            "six_lead_cosine": r["six_lead"]["centred_cosine"],
+        }
+        s["dev_drop"] = s["dev_clean"] - s["dev_corrupted"]
+        s["test_drop"] = s["test_clean"] - s["test_corrupted"]
+        summary[arm] = s
+    choices = {}
+    target = [a for a in ("plain", "lead dropout 0.5", "subset terms") if a in summary]
+    if target:  # item 1: pre-training for 6 leads, chosen on the clean 6-lead dev AUROC
+        choices["6-lead pre-training"] = max(target, key=lambda a: summary[a]["dev_clean"])
+    balance = [a for a in summary if a.startswith("corruption + consensus gate")]
+    if balance:  # item 3: balance weights, chosen on the dev AUROC averaged over clean and corrupted inputs
+        choices["balance"] = max(balance, key=lambda a: summary[a]["dev_clean"] + summary[a]["dev_corrupted"])
+    return {"arms": summary, "choices": choices}
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Mean gate weight per expert, clean vs lead II corrupted, one panel per gated arm; False without matplotlib."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -160,88 +290,170 @@ def figure(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return False
+    gated = {a: r for a, r in results.items() if r["switches"]["fusion"] == "gate"}
+    if not gated:
+        return False
     names = [*CANONICAL_LEADS, "PoE"]
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3), sharey=True, squeeze=False)
-    for ax, (arm, res) in zip(axes[0], results.items()):
+    fig, axes = plt.subplots(len(gated), 1, figsize=(10, 2.6 * len(gated)), sharex=True, squeeze=False)
+    for ax, (arm, r) in zip(axes[:, 0], gated.items()):
+        series = r["figure"]
+        width = 0.8 / len(series)
         pos = np.arange(len(names))
-        for shift, (label, values) in zip((-0.2, 0.2), res["_figure"].items()):
-            ax.bar(pos + shift, values, width=0.4, label=label)
-        ax.set_xticks(pos, names, rotation=90)
-        ax.set_title(f"pre-trained {arm}")
-        ax.set_ylabel("mean gate weight")
-        ax.legend()
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar(pos + (i - (len(series) - 1) / 2) * width, values, width=width, label=label)
+        ax.set_title(f"pre-trained: {arm}", fontsize=9)
+        ax.set_ylabel("mean weight")
+    axes[-1, 0].set_xticks(np.arange(len(names)), names)
+    axes[0, 0].legend(fontsize=7, ncol=5)
+    fig.suptitle("Gate weight per expert on held-out PTB-XL windows: clean vs lead II corrupted", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+def write_report(out: Path, results: dict, info: dict, small: bool) -> dict:
+    """results.json, results.md and the figure from every measured arm."""
+    summary = summarise(results)
+    drew = plot(results, out / "gate_weights.png")
+    payload = {**info, "summary": summary, "figure": "gate_weights.png" if drew else None, "results": results}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    lines = ["# Training for the deployed setting (benchmarks/lead_quality.py)", ""]
+    if small:
+        lines += ["**--small run: a few records, one epoch. A test of the script, not a result.**", ""]
+    lines += [f"Data: {info['source']}. Pre-training: {info['epochs']} epochs, {info['pretrain_records']} records; "
+              f"gate and posterior on {info['test_records']} held-out PTB-XL records (strat_fold 9-10). Real "
+              "records, open data: a measurement of the method, not a clinical result.", ""]  # fmt: skip
+    lines += ["## Summary (6 limb leads; AUROC = mean over the PTB-XL superclasses)", "",
+              "| arm | dev AUROC clean | dev AUROC 1 lead corrupted | test AUROC clean | test AUROC 1 lead corrupted "
+              "| test drop | gate: share < 1/3 (12 leads) | (6 leads) | 6L vs 12L shift | centred cosine |",
+              "|" + " --- |" * 10]  # fmt: skip
+    for arm, s in summary["arms"].items():
+        cells = [arm] + [f"{s[k]:.3f}" for k in ("dev_clean", "dev_corrupted", "test_clean", "test_corrupted",
+                                                 "test_drop", "share_below_third_12L", "share_below_third_6L",
+                                                 "six_lead_shift", "six_lead_cosine")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Choices (development criterion only): "
+              + (", ".join(f"{k}: **{v}**" for k, v in summary["choices"].items()) or "none"), ""]  # fmt: skip
+    lines += ["## Gate response per corruption kind (share of held-out records with the corrupted lead's weight < 1/3 "
+              "of its clean weight; median ratio)", "", "| arm | leads | " + " | ".join(CORRUPTION_KINDS) + " |",
+              "|" + " --- |" * (2 + len(CORRUPTION_KINDS))]  # fmt: skip
+    for arm, r in results.items():
+        if r["switches"]["fusion"] != "gate":
+            continue
+        for leads in ("12L", "6L"):
+            g = r[f"gate_{leads}"]
+            cells = [f"{g[k]['share_below_third']:.2f} ({g[k]['median_ratio']:.2f})" for k in CORRUPTION_KINDS]
+            lines.append(f"| {arm} | {leads} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Test AUROC per task, 6 limb leads [95% subject-bootstrap interval]",
+        "",
+        "| arm | task | clean | " + " | ".join(CORRUPTION_KINDS) + " |",
+        "|" + " --- |" * (3 + len(CORRUPTION_KINDS)),
+    ]
+    for arm, r in results.items():
+        for task in TASKS:
+            cells = []
+            for name in ("clean", *CORRUPTION_KINDS):
+                row = next((x for x in r["downstream"] if x["task"] == task and x["input"] == name), None)
+                cells.append(
+                    "-" if row is None else f"{row['test_auroc']:.3f} [{row['test_lo']:.3f}, {row['test_hi']:.3f}]"
+                )
+            lines.append(f"| {arm} | {task} | " + " | ".join(cells) + " |")
+    if drew:
+        lines += ["", "![gate weights](gate_weights.png)"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=None, help="LUDB folder (default ../shared/data/ecg/ludb)")
-    p.add_argument("--out", type=Path, default=Path("outputs/lead_quality"))
-    p.add_argument("--fs", type=float, default=100.0, help="sampling rate of the 10 s records")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--corrupt-prob", type=float, default=0.5, help="augmentation probability of the second arm")
-    p.add_argument("--lead-dropout", type=float, default=0.5, help="lead dropout of a third arm (0 = no third arm)")
-    p.add_argument("--held-out", type=float, default=0.3, help="share of subjects held out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--small", action="store_true", help="synthetic records, 1 epoch (a test run)")
+    """Command-line options (every default is shown by --help)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--root", type=Path, default=None, help="folder holding ptbxl/, ludb/, cinc2021/ "
+                   "(default: ../shared/data/ecg beside the checkout)")  # fmt: skip
+    p.add_argument("--ptbxl", type=Path, default=None, help="PTB-XL root (default <root>/ptbxl)")
+    p.add_argument("--out", type=Path, default=Path("outputs/lead_quality"), help="output folder")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
+    p.add_argument("--epochs", type=int, default=PRESET["epochs"], help="pre-training epochs per arm")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each interval")
+    p.add_argument("--seed", type=int, default=0, help="base seed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--small", action="store_true", help="a few records, three arms, one epoch (a test run)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     """Run the measurement; returns the exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "kale_ext"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    script_logging()
+    torch.set_num_threads(args.threads)
+    root = args.root or default_root()
+    ptbxl = args.ptbxl or root / "ptbxl"
+    if not (ptbxl / "ptbxl_database.csv").is_file():
+        print(f"PTB-XL not found at {ptbxl} (need ptbxl_database.csv, scp_statements.csv, records100/); point "
+              "--ptbxl or --root at it (see ../shared/data/ecg/README.md)", file=sys.stderr)  # fmt: skip
+        return 2
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"unknown arms {unknown}; choose from {list(ARMS)}", file=sys.stderr)
+        return 2
+    preset = {**PRESET, "epochs": args.epochs}
+    n_ptbxl = n_extra = None
     if args.small:
-        length, latent, epochs = 128, 8, 1
-        x, mask = synthetic(48, length, args.seed)
-        source = "synthetic (3 shared sources mixed per lead + noise), 48 records"
-    else:
-        data = args.data or Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg" / "ludb"
-        if not any(data.glob("**/*.hea")):
-            print(f"no WFDB records under {data}; point --data to the LUDB folder or use --small", file=sys.stderr)
-            return 2
-        args.out.mkdir(parents=True, exist_ok=True)
-        x, mask = real(data, args.out, args.fs)
-        length, latent, epochs = x.shape[-1], args.latent, args.epochs
-        source = f"real: {len(x)} records (LUDB + CinC-2021 beside it), {args.fs:g} Hz x 10 s"
-    args.out.mkdir(parents=True, exist_ok=True)
-    subjects = np.arange(len(x)).astype(str)
-    train_idx, test_idx = split_by_subject(subjects, args.held_out, args.seed)
-    train = _Signals(x[train_idx], mask[train_idx], subjects[train_idx])
-    xt, mt = torch.as_tensor(x[test_idx]).float(), torch.as_tensor(mask[test_idx]).bool()
+        n_ptbxl, n_extra = 120, 10
+        preset["epochs"] = 1
+        arms = [a for a in arms if a in SMALL_ARMS]
+    fs = preset["fs"]
+    T = int(round(10 * fs))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    refs, table = read_ptbxl(ptbxl, fs, n_ptbxl)
+    extra = read_unlabelled(root, fs, n_extra)
+    cache = out / f"cache_{int(fs)}hz_{T}"
+    report = prepare_ecg_cache(refs + extra, cache, spec=PreprocessSpec(target_fs=fs, target_length=T), leads="12L",
+                               num_workers=1, progress=False)  # fmt: skip
+    if report.n_skipped:
+        logger.warning("skipped %d records (reasons in %s/qc.csv)", report.n_skipped, cache)
+    ds = ECGLeadDataset(cache, "12L")
+    ids = np.asarray(ds.record_ids).astype(str)
+    table = table.set_index("record_id")
+    labelled = np.isin(ids, table.index)
+    lab_idx = np.flatnonzero(labelled)
+    X_all = ds.get_batch(np.arange(len(ds)))["signals"].numpy()
+    lab_table = table.reindex(ids[lab_idx]).reset_index()
+    folds = lab_table["strat_fold"].to_numpy()
+    test = np.isin(folds, TEST_FOLDS)
+    dev = ~test
+    pre_idx = np.flatnonzero(~(labelled & np.isin(table["strat_fold"].reindex(ids).to_numpy(), TEST_FOLDS)))
+    pre_ds = ECGLeadDataset(cache, "12L", indices=pre_idx)
+    X = X_all[lab_idx]
+    logger.info(
+        "%d pre-training records; %d PTB-XL development, %d test", len(pre_idx), int(dev.sum()), int(test.sum())
+    )
     results = {}
-    arms = [("without corruption", 0.0, 0.0), (f"with corruption p={args.corrupt_prob:g}", args.corrupt_prob, 0.0)]
-    if args.lead_dropout > 0:
-        arms.append((f"lead dropout {args.lead_dropout:g}, no corruption", 0.0, args.lead_dropout))
-    for arm, prob, dropout in arms:
-        out = args.out / f"model_p{prob:g}_d{dropout:g}"
-        model = pretrain(train, length, latent, epochs, prob, out, args.seed, dropout)
-        results[arm] = gate_response(model, xt, mt, args.seed + 100)
-    drew = figure(results, args.out / "lead_quality.png")
-    summary = {"source": source, "held_out_records": len(test_idx), "epochs": epochs, "results": results,
-               "figure": "lead_quality.png" if drew else None}  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"{source}; {len(test_idx)} held-out records; {epochs} epochs")
-    header = ["arm", "kind", "share < 1/3 of clean", "median ratio", "weight clean", "weight corrupted", "PoE clean"]
-    print("| " + " | ".join(header + ["PoE corrupted"]) + " |")
-    print("|" + " --- |" * (len(header) + 1))
-    for arm, res in results.items():
-        for kind in CORRUPTION_KINDS:
-            r = res[kind]
-            cells = [arm, kind, f"{r['share_below_third']:.2f}", f"{r['median_ratio']:.2f}", f"{r['weight_clean']:.3f}",
-                     f"{r['weight_corrupted']:.3f}", f"{r['poe_clean']:.3f}", f"{r['poe_corrupted']:.3f}"]  # fmt: skip
-            print("| " + " | ".join(cells) + " |")
-    print("\n| arm | 6-lead vs 12-lead fused mean: shift (share of variance) | centred cosine |\n| --- | --- | --- |")
-    for arm, res in results.items():
-        print(f"| {arm} | {res['six_lead']['shift']:.3f} | {res['six_lead']['centred_cosine']:.3f} |")
+    for arm in ARMS:  # every arm measured so far, in the table's order; the requested ones are run if missing
+        path = out / "arms" / f"{arm_slug(arm)}.json"
+        if path.is_file():
+            results[arm] = json.loads(path.read_text())
+        elif arm in arms:
+            logger.info("arm %r: pre-training %d epochs", arm, preset["epochs"])
+            results[arm] = measure_arm(arm, pre_ds, X, lab_table, dev, test, out, preset, args)
+            logger.info("arm %r done in %.0f s", arm, results[arm]["total_s"])
+    info = {"source": f"PTB-XL ({len(lab_idx)} records) + LUDB/CinC-2021 label-free, {fs:g} Hz x 10 s, "
+            f"{preset['window']}-sample windows, latent {preset['latent']}", "epochs": preset["epochs"],
+            "pretrain_records": int(len(pre_idx)), "test_records": int(test.sum()), "dev_records": int(dev.sum()),
+            "torch": torch.__version__, "small": bool(args.small)}  # fmt: skip
+    summary = write_report(out, results, info, args.small)
+    print((out / "results.md").read_text())
+    if summary["choices"]:
+        print(json.dumps(summary["choices"]))
     return 0
 
 

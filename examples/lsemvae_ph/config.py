@@ -12,6 +12,7 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from kale_ext.embed.conv_ops import CONV_IMPLS
+from kale_ext.embed.fusion import GATE_CONTEXTS
 from kale_ext.embed.st_mem import ST_MEM_PRESETS
 from kale_ext.embed.zoo import MODELS
 from kale_ext.loaddata.diagnosis_labels import parse_groups
@@ -168,6 +169,9 @@ _C.MODEL.NO_GATE = False
 _C.MODEL.GATE_NOISE = False
 # Keep the k largest gate weights per sample (0 = dense: every present expert).
 _C.MODEL.GATE_TOP_K = 0
+# What the gate reads: "expert" (each expert's own mean and log-variance; the paper does not say) or "consensus" (also
+# each lead's disagreement with the other leads, so a bad lead can be turned down; kale_ext.embed.fusion.ExpertGate).
+_C.MODEL.GATE_CONTEXT = "expert"
 # Include the N(0, I) prior expert in products of experts (MVAE practice).
 _C.MODEL.USE_PRIOR = True
 # Channel widths of the four stages of resnet1d / xresnet1d; empty = the published (64, 128, 256, 512).
@@ -408,6 +412,7 @@ ACCEPTED = {
     "MODEL.CONV_IMPL": CONV_IMPLS,
     "MODEL.RANDOM_ARCHITECTURE": tuple(name for name, spec in MODELS.items() if spec.pretrained),
     "MODEL.STMEM_PRESET": tuple(ST_MEM_PRESETS),
+    "MODEL.GATE_CONTEXT": GATE_CONTEXTS,
     "TASK.NAME": ("ph", "phenotype", "pawp", "statement"),
     "TASK.UNCERTAIN": ("negative", "exclude"),
     "TASK.EMPTY_VALUE": ("exclude", "negative"),

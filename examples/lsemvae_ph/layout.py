@@ -31,6 +31,7 @@ _OPTION_KEYS = {
     "conv_impl": "CONV_IMPL",
     "gate_noise": "GATE_NOISE",
     "gate_top_k": "GATE_TOP_K",
+    "gate_context": "GATE_CONTEXT",
     "architecture": "RANDOM_ARCHITECTURE",
     "preset": "STMEM_PRESET",
     "patch_size": "STMEM_PATCH_SIZE",
@@ -179,7 +180,8 @@ class RunLayout:
             options["widths"] = [int(w) for w in cfg.MODEL.BASELINE_WIDTHS]
         # Only non-default values are recorded, so records of earlier runs rebuild the same model.
         defaults = {"no_poe": False, "no_moe": False, "no_gate": False, "use_prior": True, "conv_impl": "auto",
-                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0, "lead_dropout": 0.0}  # fmt: skip
+                    "patch_size": 0, "gate_noise": False, "gate_top_k": 0, "lead_dropout": 0.0,
+                    "gate_context": "expert"}  # fmt: skip
         if "lead_dropout" in self.spec.options:  # a training setting that the model applies (training mode only)
             options["lead_dropout"] = float(cfg.PRETRAIN.LEAD_DROPOUT)
         options = {k: v for k, v in options.items() if defaults.get(k, object()) != v}

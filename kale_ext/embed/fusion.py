@@ -295,6 +295,36 @@ def _top_k_select(logits: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor,
     return selected, threshold, has_threshold
 
 
+GATE_CONTEXTS = ("expert", "consensus")
+
+
+def consensus_disagreement(mean: Tensor, log_var: Tensor, mask: Tensor, pool: int) -> Tensor:
+    """Per expert and dimension, ``log(1 + (mu_k - m_-k)^2 / (sigma_k^2 + v_-k))`` against the leave-one-out product.
+
+    Args:
+        mean, log_var: (K, B, D) expert parameters (log-variances already bounded).
+        mask: (K, B) bool, True = present.
+        pool: the first ``pool`` experts form the consensus; an expert outside it is compared with all of them.
+
+    Returns:
+        (K, B, D) float32, 0 where no other present pool expert exists (and for absent experts).
+    """
+    mean, log_var = mean.float(), log_var.float()
+    k = mean.shape[0]
+    in_pool = torch.zeros(k, device=mean.device, dtype=torch.bool)
+    in_pool[:pool] = True
+    member = (mask & in_pool.unsqueeze(1)).float()  # (K, B)
+    precision = torch.exp(-log_var) * member.unsqueeze(-1)  # 0 outside the pool and for absent experts
+    others = 1.0 - torch.eye(k, device=mean.device)  # others[j, k] = 1 for j != k (sums, not differences: exact)
+    other_p = torch.einsum("jk,jbd->kbd", others, precision)
+    other_pm = torch.einsum("jk,jbd->kbd", others, precision * mean)
+    has_other = (torch.einsum("jk,jb->kb", others, member) > 0).unsqueeze(-1)
+    safe_p = torch.where(has_other, other_p, torch.ones((), device=mean.device)).clamp_min(1e-30)
+    ref_mean, ref_var = other_pm / safe_p, 1.0 / safe_p
+    d = torch.log1p((mean - ref_mean).square() / (torch.exp(log_var) + ref_var))
+    return torch.where(has_other & mask.unsqueeze(-1), d, torch.zeros((), device=mean.device))
+
+
 class ExpertGate(nn.Module):
     """Per-sample gate over Gaussian experts, computed from the experts' own parameters (Shazeer et al. 2017 style).
 
@@ -306,6 +336,20 @@ class ExpertGate(nn.Module):
 
     Because each score depends only on its own expert, the gate works unchanged for any subset of present experts
     (a missing lead simply drops out of the softmax), unlike a gate reading the concatenation of all experts.
+
+    Consensus context (``context="consensus"``, an option of ours; the paper does not say what its gate reads). A
+    gate that sees one expert at a time cannot tell an inverted or noisy lead from a plausible one: a lead's own
+    posterior says nothing about whether it agrees with the others. With this option each expert's hidden layer also
+    reads its per-dimension disagreement with the precision-weighted consensus of the OTHER present experts of the
+    pool (the first ``context_pool`` experts; HiME passes its lead experts, so the shared PoE expert, itself a
+    product of the leads, is compared with the leads' consensus but never counted in it)::
+
+        m_-k = sum_{j != k} p_j mu_j / sum_{j != k} p_j,   v_-k = 1 / sum_{j != k} p_j,   p_j = 1 / sigma_j^2
+        d_k = log(1 + (mu_k - m_-k)^2 / (sigma_k^2 + v_-k))        (0 when no other pool expert is present)
+        h_k = act(W_in [mu_k, log sigma_k^2] + W_c d_k + e_k)
+
+    ``W_c`` starts at zero, so an untrained consensus gate equals the plain one; it costs one leave-one-out product
+    per forward pass (O(K B D)) and keeps the per-expert form, so missing experts still simply drop out.
 
     Noisy top-k gating (Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
     Layer", 2017). With ``noise=True``, in training mode only, the logits are
@@ -333,6 +377,9 @@ class ExpertGate(nn.Module):
         noise: noisy gating in training mode (default False: deterministic in training too).
         top_k: keep the k largest logits per sample; None (default) or k >= K is dense gating.
         generator: torch.Generator for the noise when ``forward`` gets none (None: torch's default generator).
+        context: ``"expert"`` (default: each score reads its own expert only) or ``"consensus"`` (also its
+            disagreement with the other experts, above).
+        context_pool: the first ``context_pool`` experts form the consensus (None = all experts).
 
     Attributes:
         is_gate: True; how :mod:`kale_ext.interpret.gates` and HiME recognise a gating network.
@@ -350,8 +397,14 @@ class ExpertGate(nn.Module):
         noise: bool = False,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        context: str = "expert",
+        context_pool: int | None = None,
     ) -> None:
         super().__init__()
+        if context not in GATE_CONTEXTS:
+            raise ValueError(f"gate context must be one of {GATE_CONTEXTS}, got {context!r}.")
+        if context_pool is not None and not 1 <= context_pool <= num_experts:
+            raise ValueError(f"context_pool must be in 1..num_experts={num_experts} or None, got {context_pool}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 for a plain softmax.")
         if top_k is not None and top_k < 1:
@@ -367,6 +420,12 @@ class ExpertGate(nn.Module):
         self.expert_embedding = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.activation = nn.GELU()
         self.output_layer = nn.Linear(hidden_dim, 1)
+        self.context = context
+        self.context_pool = num_experts if context_pool is None else int(context_pool)
+        self.context_layer = None
+        if context == "consensus":
+            self.context_layer = nn.Linear(latent_dim, hidden_dim, bias=False)
+            nn.init.zeros_(self.context_layer.weight)
         self.noise_layer = None
         if self.noise:
             self.noise_layer = nn.Linear(hidden_dim, 1)
@@ -398,7 +457,14 @@ class ExpertGate(nn.Module):
         if self.detach_inputs:
             features = features.detach()
         # The MLP may run in reduced precision under autocast; the softmax and the noise run in float32.
-        hidden = self.activation(self.input_layer(features) + self.expert_embedding.unsqueeze(1))
+        pre = self.input_layer(features) + self.expert_embedding.unsqueeze(1)
+        if self.context_layer is not None:
+            with _float32_region(mean):
+                disagreement = consensus_disagreement(mean, log_var, mask, self.context_pool)
+            if self.detach_inputs:
+                disagreement = disagreement.detach()
+            pre = pre + self.context_layer(disagreement.to(pre.dtype))
+        hidden = self.activation(pre)
         scores = self.output_layer(hidden).squeeze(-1)
         noisy = self.noise_layer is not None and self.training
         noise_logits = self.noise_layer(hidden).squeeze(-1) if noisy else None
@@ -503,6 +569,8 @@ class HierarchicalModalityExperts(nn.Module):
         gate_temperature: softmax temperature of the gate (``gate=True``).
         gate_noise: noisy gating in training mode (``gate=True``; see :class:`ExpertGate`).
         gate_top_k: keep the k largest gate logits per sample; None = dense (``gate=True``).
+        gate_context: what the gate reads (``gate=True``): ``"expert"`` or ``"consensus"`` (each expert's
+            disagreement with the other lead experts too; see :class:`ExpertGate`).
         generator: torch.Generator for the gate's noise when ``forward`` gets none.
     """
 
@@ -521,6 +589,7 @@ class HierarchicalModalityExperts(nn.Module):
         gate_noise: bool = False,
         gate_top_k: int | None = None,
         generator: torch.Generator | None = None,
+        gate_context: str = "expert",
     ) -> None:
         super().__init__()
         if mode not in ("paper", "reference"):
@@ -557,6 +626,8 @@ class HierarchicalModalityExperts(nn.Module):
                 noise=gate_noise,
                 top_k=gate_top_k,
                 generator=generator,
+                context=gate_context,
+                context_pool=num_modalities,
             )
 
     def forward(

@@ -39,6 +39,8 @@ class LSEMVAE(MultimodalVAE):
         gate_noise: Shazeer's noisy gating (learned noise scale, training mode only).
         gate_top_k: keep the k largest gate values per sample (None = dense, all experts).
         generator: torch.Generator for lead dropout and sampling.
+        gate_context: ``"expert"`` (the gate reads each expert alone) or ``"consensus"`` (also each lead's
+            disagreement with the other leads, so that a bad lead can be turned down; see ``ExpertGate``).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LSEMVAE(MultimodalVAE):
         gate_noise: bool = False,
         gate_top_k: int | None = None,
         generator: torch.Generator | None = None,
+        gate_context: str = "expert",
     ) -> None:
         num_leads = len(lead_names)
         super().__init__(
@@ -73,6 +76,7 @@ class LSEMVAE(MultimodalVAE):
                 gate_hidden_dim=gate_hidden_dim,
                 gate_noise=gate_noise,
                 gate_top_k=gate_top_k,
+                gate_context=gate_context,
             ),
             decoder=SharedLeadDecoder(num_leads, input_dim, latent_dim, mode=decoder_mode, conv_impl=conv_impl),
             lead_names=lead_names,

@@ -177,7 +177,16 @@ MODELS: dict[str, ModelSpec] = {
     "lsemvae": _lead_vae_spec(
         _build_lsemvae,
         "LS-EMVAE",
-        options=("no_poe", "no_moe", "no_gate", "use_prior", "gate_noise", "gate_top_k", *_VAE_OPTIONS),
+        options=(
+            "no_poe",
+            "no_moe",
+            "no_gate",
+            "use_prior",
+            "gate_noise",
+            "gate_top_k",
+            "gate_context",
+            *_VAE_OPTIONS,
+        ),
     ),
     "lsemvae_reference": _lead_vae_spec(_build_lsemvae_reference, "LS-EMVAE (reference code)", "reference"),
     "mvae": _lead_vae_spec(_build_mvae, "MVAE", options=("use_prior", *_VAE_OPTIONS)),

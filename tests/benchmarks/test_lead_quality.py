@@ -1,7 +1,10 @@
-"""The lead-quality benchmark: a --small run (synthetic records) writes every figure it promises."""
+"""The deployed-setting benchmark (benchmarks/lead_quality.py): missing data, arm names, and a --small run on the
+real records that writes every figure and table it promises."""
 
 import json
+from pathlib import Path
 
+import pytest
 from helpers.scripts import load_benchmark
 
 
@@ -9,22 +12,63 @@ def _module():
     return load_benchmark("lead_quality")
 
 
-def test_small_run_reports_both_arms_and_every_kind(tmp_path, capsys):
+def _root() -> Path | None:
+    here = Path(__file__).resolve().parents[2]
+    candidate = here.parent / "shared" / "data" / "ecg"
+    return candidate if (candidate / "ptbxl" / "ptbxl_database.csv").is_file() else None
+
+
+def test_missing_data_and_unknown_arms_exit_with_code_2(tmp_path, capsys):
     module = _module()
-    assert module.main(["--small", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "results.json").read_text())
-    arms = summary["results"]
-    assert len(arms) == 3 and summary["held_out_records"] > 0
-    for res in arms.values():
-        for kind in module.CORRUPTION_KINDS:
-            r = res[kind]
-            assert 0.0 <= r["share_below_third"] <= 1.0 and r["median_ratio"] >= 0
-            assert 0.0 < r["weight_clean"] < 1.0 and 0.0 <= r["poe_corrupted"] <= 1.0
-        assert res["six_lead"]["shift"] >= 0 and -1 <= res["six_lead"]["centred_cosine"] <= 1
-        for weights in res["_figure"].values():
-            assert len(weights) == 13 and abs(sum(weights) - 1.0) < 1e-4  # 12 leads + PoE, a distribution
-    assert "| arm | kind |" in capsys.readouterr().out
+    assert module.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "PTB-XL not found" in capsys.readouterr().err
+    root = _root()
+    if root is not None:
+        assert module.main(["--root", str(root), "--arms", "plain,nonsense", "--out", str(tmp_path / "o")]) == 2
+        assert "unknown arms" in capsys.readouterr().err
 
 
-def test_missing_data_exits_with_code_2(tmp_path):
-    assert _module().main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+def test_arms_differ_from_the_preset_in_one_named_switch_each():
+    module = _module()
+    assert all("," not in arm for arm in module.ARMS)  # --arms is comma-separated
+    assert module.ARMS["plain"] == {}
+    for arm in module.SMALL_ARMS:
+        assert arm in module.ARMS
+    for switches in module.ARMS.values():
+        assert set(switches) <= set(module._BASE)
+
+
+def test_small_run_measures_gate_posterior_and_downstream(tmp_path):
+    root = _root()
+    if root is None:
+        pytest.skip("PTB-XL not found at ../shared/data/ecg/ptbxl")
+    module = _module()
+    out = tmp_path / "out"
+    assert module.main(["--small", "--root", str(root), "--out", str(out), "--n-boot", "50"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    results, summary = payload["results"], payload["summary"]
+    assert set(results) == set(module.SMALL_ARMS) and payload["small"]
+    for arm, r in results.items():
+        gated = r["switches"]["fusion"] == "gate"
+        assert (r["gate_12L"] is not None) == gated
+        if gated:
+            for kind in module.CORRUPTION_KINDS:
+                g = r["gate_6L"][kind]
+                assert 0.0 <= g["share_below_third"] <= 1.0 and g["median_ratio"] >= 0
+                assert 0.0 < g["weight_clean"] < 1.0
+            for weights in r["figure"].values():
+                assert len(weights) == 13 and abs(sum(weights) - 1.0) < 1e-4  # 12 leads + PoE, a distribution
+        assert r["six_lead"]["shift"] >= 0 and -1 <= r["six_lead"]["centred_cosine"] <= 1
+        inputs = {(row["task"], row["input"]) for row in r["downstream"]}
+        assert inputs == {(t, i) for t in module.TASKS for i in ("clean", *module.CORRUPTION_KINDS)}
+        for row in r["downstream"]:
+            assert 0 <= row["dev_auroc"] <= 1 and row["test_lo"] <= row["test_auroc"] <= row["test_hi"]
+        assert (out / "arms" / f"{module.arm_slug(arm)}.json").is_file()
+    assert summary["choices"]["6-lead pre-training"] == "plain"  # the only item-1 arm in a small run
+    text = (out / "results.md").read_text()
+    assert "not a result" in text and "| arm | dev AUROC clean |" in text
+    assert (out / "gate_weights.png").stat().st_size > 1000
+    # a rerun resumes: every arm is read back, none is pre-trained again
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()}
+    assert module.main(["--small", "--root", str(root), "--out", str(out), "--n-boot", "50"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()} == before

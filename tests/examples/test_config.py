@@ -140,3 +140,16 @@ def test_pretraining_keys_for_the_served_lead_set_reach_the_model_objective_and_
     capacity = stages.make_objective(RunLayout.from_cfg(load_cfg([], ["PRETRAIN.OBJECTIVE", "capacity",
                                                                       "PRETRAIN.SIGMA", "0.5"])))  # fmt: skip
     assert abs(capacity.log_sigma - __import__("math").log(0.5)) < 1e-12
+
+
+def test_gate_context_reaches_the_model_and_is_recorded_only_when_not_the_default():
+    from kale_ext.embed.zoo import build_from_args  # noqa: PLC0415
+
+    base = RunLayout.from_cfg(load_cfg(["6L.yaml"]))
+    assert "gate_context" not in base.build_args(base.pretrain_leads)  # records of earlier runs rebuild unchanged
+    run = RunLayout.from_cfg(load_cfg(["6L.yaml"], ["MODEL.GATE_CONTEXT", "consensus"]))
+    args = run.build_args(run.pretrain_leads)
+    assert args["gate_context"] == "consensus"
+    assert build_from_args(**args).fusion.gate.context == "consensus"
+    with pytest.raises(ValueError, match="MODEL.GATE_CONTEXT"):
+        load_cfg([], ["MODEL.GATE_CONTEXT", "neighbours"])
