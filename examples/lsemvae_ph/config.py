@@ -154,8 +154,9 @@ _C.TASK.EMPTY_VALUE = "exclude"
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 _C.MODEL = CfgNode()
-# A name of the model registry kale_ext.embed.zoo.MODELS: lsemvae, lsemvae_reference, mvae, mopoe, mmvae, betavae
-# (pre-trained, frozen) or multimodal_cnn, resnet1d, xresnet1d (trained end to end in fine-tuning).
+# A name of the model registry kale_ext.embed.zoo.MODELS: lsemvae, lsemvae_reference, mvae, mopoe, mmvae, betavae,
+# stmem (pre-trained, frozen), random_encoder (untrained, frozen: the floor) or multimodal_cnn, resnet1d, xresnet1d
+# (trained end to end in fine-tuning).
 _C.MODEL.NAME = "lsemvae"
 # Latent dimension D of every lead expert (paper: 256).
 _C.MODEL.LATENT_DIM = 256
@@ -215,9 +216,9 @@ _C.PRETRAIN.BETA_WARMUP_EPOCHS = 50.0
 # 0.5 makes gamma ||mu_k - mu||^2 the negative log-density of a unit-variance Gaussian consensus between each expert
 # and the fused mean, on the scale of the KL's 0.5 ||mu||^2 (docs/models.md, "loss scale").
 _C.PRETRAIN.GAMMA = 0.5
-# Reconstruction term: "gaussian" (negative log-likelihood summed over time and present leads with a fixed sigma per
-# lead, so BETA = 1 is the ELBO) or "mean" (per-lead MSE averaged over time: earlier versions' scale, which weighs
-# the KL T / (2 sigma^2) times more than the ELBO does).
+# Reconstruction term: "gaussian" (negative log-likelihood summed over time and present leads with sigma SIGMA per
+# lead, learned with LEARN_SIGMA, so BETA = 1 is the ELBO) or "mean" (per-lead MSE averaged over time: earlier
+# versions' scale, which weighs the KL T / (2 sigma^2) times more than the ELBO does).
 _C.PRETRAIN.RECON = "gaussian"
 # Standard deviation of the Gaussian likelihood per lead, on z-scored signals (0.3 = a reconstruction explaining
 # about 90% of each lead's variance). Used by the "elbo" and "capacity" objectives. A fixed sigma well below the
@@ -225,6 +226,7 @@ _C.PRETRAIN.RECON = "gaussian"
 _C.PRETRAIN.SIGMA = 0.3
 # Learn one sigma per lead, bounded to [SIGMA_MIN, SIGMA_MAX] and starting at SIGMA; the ELBO ("train/neg_elbo") is
 # then reported at the learned sigma and "sigma_mean" is logged. The gate balance weights keep the fixed SIGMA.
+# "elbo" objective only; "capacity" keeps the fixed SIGMA.
 _C.PRETRAIN.LEARN_SIGMA = False
 # Lower bound of the learned sigma (LEARN_SIGMA).
 _C.PRETRAIN.SIGMA_MIN = 0.05
@@ -232,8 +234,8 @@ _C.PRETRAIN.SIGMA_MIN = 0.05
 _C.PRETRAIN.SIGMA_MAX = 1.0
 # Gate balance (Shazeer et al. 2017): coefficient of the importance (CV^2) loss. The loss adds it times
 # T / (2 SIGMA^2) (T = samples per lead; 1 with RECON "mean"): a dimensionless coefficient on the scale of the
-# reconstruction, so the balance term itself is in nats, not the coefficient. It is not free: the ELBO alone
-# prefers the PoE expert (compare train/neg_elbo with train/neg_elbo_poe, docs/fusion.md).
+# reconstruction, so the balance term is added on the ELBO's nat scale (the coefficient has no unit). It is not
+# free: the ELBO alone prefers the PoE expert (compare train/neg_elbo with train/neg_elbo_poe, docs/fusion.md).
 _C.PRETRAIN.GATE_IMPORTANCE = 0.1
 # Coefficient of the KL(uniform || mean gate weight) barrier, times T / (2 SIGMA^2) like GATE_IMPORTANCE; 0 = off.
 _C.PRETRAIN.GATE_BALANCE_KL = 0.3
@@ -255,11 +257,14 @@ _C.PRETRAIN.CORRUPT_PROB = 0.0
 # Corruption kinds, drawn uniformly: "noise" (a burst of white noise), "flat" (a flat line), "wander" (baseline
 # wander), "invert" (the lead times -1).
 _C.PRETRAIN.CORRUPT_KINDS = ["noise", "flat", "wander", "invert"]
-# Objective of the LS-EMVAE models: "paper" = the registry objective ("elbo": the RECON reconstruction (Gaussian
-# NLL at SIGMA by default) + beta KL of the fused posterior + GAMMA alignment of every expert to the fused mean +
-# gate balance + SUBSET_TERMS); "reference" = the authors' code: summed squared error x 1e-3 / batch, KL on the
+# Pre-training loss: "paper" = the model's registry objective ("elbo" for lsemvae, mvae, mopoe, mmvae, betavae: the
+# RECON reconstruction (Gaussian NLL at SIGMA by default) + beta KL of the fused posterior + GAMMA alignment of every
+# expert to the fused mean + gate balance + SUBSET_TERMS; "reference" for lsemvae_reference; "masked_patch" for
+# stmem); "reference" = the authors' loss for any lead-VAE model: summed squared error x 1e-3 / batch, KL on the
 # arithmetic mean of the lead encoders' mean and log-variance, alignment GAMMA x mean over leads of the MSE to the
-# mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1).
+# mean of the lead means (set GAMMA 0.1 to match), beta = min(epoch / BETA_WARMUP_EPOCHS, 1). It ignores RECON,
+# SIGMA, LEARN_SIGMA, GATE_* and SUBSET_TERMS and keeps the model's fusion (MODEL.NAME lsemvae_reference gives the
+# authors' fusion too). A non-empty PRETRAIN.OBJECTIVE overrides this key.
 _C.PRETRAIN.LOSS_MODE = "paper"
 # Pre-training objective by name (kale_ext.predict.objectives.OBJECTIVES: elbo, reference, masked_patch, capacity);
 # empty = the model's own (registry) objective, or "reference" with LOSS_MODE reference.

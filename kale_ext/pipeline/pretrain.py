@@ -400,7 +400,7 @@ class PretrainModule(pl.LightningModule):
 
         Args:
             batch: ``signals`` (B, L', T) float, ``mask`` (B, L') bool.
-            sample: draw z from the fused posterior (training) or use its mean.
+            sample: draw z from the fused posterior or use its mean.
             augment: pass the model's input through ``self.augment`` (the target stays clean).
 
         Returns:

@@ -64,7 +64,7 @@ class PretrainBatch:
         leads: names of the channels of ``signals``.
         target: (B, L, T) the signals placed in the model's lead slots (zeros where the model has no channel).
         target_mask: (B, L) bool presence over the model's leads.
-        sample: draw z from the fused posterior (training) or take its mean (validation).
+        sample: draw z from the fused posterior (training and validation) or take its mean.
         forward: the model's forward to call (the model's own, or a compiled view of it).
     """
 

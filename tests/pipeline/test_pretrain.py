@@ -527,9 +527,11 @@ class _RecordingELBO(ELBOObjective):
     def __init__(self):
         super().__init__(beta=1.0, beta_warmup_epochs=0, gamma=0.1)
         self.calls = []
+        self.rng_states = []
 
     def forward(self, model, batch, progress):
         self.calls.append((batch.signals.clone(), batch.target.clone(), batch.sample, model.training))
+        self.rng_states.append(torch.random.get_rng_state())
         return super().forward(model, batch, progress)
 
 
@@ -554,3 +556,15 @@ def test_augmentation_reaches_the_training_input_only_and_validation_samples_z(t
         torch.testing.assert_close(signals, target)
     metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
     assert "val/neg_elbo_poe" in metrics and "train/neg_elbo" in metrics
+
+
+def test_validation_draws_are_repeatable_from_epoch_to_epoch(tmp_path):
+    objective = _RecordingELBO()
+    run_pretraining(_model(), objective, _TinyLeads(), tmp_path, _settings(epochs=2))
+    val = [state for call, state in zip(objective.calls, objective.rng_states) if not call[3]]
+    train = [state for call, state in zip(objective.calls, objective.rng_states) if call[3]]
+    per_epoch = len(val) // 2  # one validation per epoch
+    assert per_epoch >= 1 and len(val) == 2 * per_epoch, len(val)
+    for batch in range(per_epoch):  # the same batch is validated with the same noise at every epoch
+        assert torch.equal(val[batch], val[per_epoch + batch])
+    assert not any(torch.equal(t, v) for t in train for v in val)  # training never draws from a validation seed
