@@ -2,6 +2,7 @@
 real records that writes every figure and table it promises."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,5 @@ def test_a_departure_is_chosen_only_when_it_wins_at_every_seed():
     assert module.summarise(runs)["choices"]["6-lead pre-training"] == "plain"
     # balance: x3 beats x1 on clean + corrupted; balance 0 does not (its corrupted AUROC is lower)
     assert summary["choices"]["balance for 'corruption'"] == "corruption / balance x3"
-    assert (
-        summary["arms"]["corruption / PoE only"]["share_below_third_12L"]
-        != summary["arms"]["corruption / PoE only"]["share_below_third_12L"]
-    )  # NaN: no gate
+    assert math.isnan(summary["arms"]["corruption / PoE only"]["share_below_third_12L"])  # no gate to read
     assert summary["arms"]["plain"]["seeds"] == 2 and set(summary["arms"]["plain"]["by_seed"]) == {"0", "1"}
