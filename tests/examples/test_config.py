@@ -153,3 +153,15 @@ def test_gate_context_reaches_the_model_and_is_recorded_only_when_not_the_defaul
     assert build_from_args(**args).fusion.gate.context == "consensus"
     with pytest.raises(ValueError, match="MODEL.GATE_CONTEXT"):
         load_cfg([], ["MODEL.GATE_CONTEXT", "neighbours"])
+
+
+def test_the_real_data_preset_trains_with_corrupted_leads_and_the_paper_configs_do_not():
+    import stages  # noqa: PLC0415 - the example's stage module
+
+    from kale_ext.prepdata.corruption import CORRUPTION_KINDS, LeadCorruption  # noqa: PLC0415
+
+    real = RunLayout.from_cfg(load_cfg(["6L.yaml", "real_cpu.yaml"]))
+    augment = stages.make_augment(real)
+    assert isinstance(augment, LeadCorruption) and augment.prob == 0.5 and augment.kinds == CORRUPTION_KINDS
+    for name in ("6L.yaml", "12L.yaml", "lsemvae.yaml"):
+        assert stages.make_augment(RunLayout.from_cfg(load_cfg([name]))) is None
