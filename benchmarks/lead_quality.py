@@ -79,6 +79,8 @@ ARMS = {
     "corruption / PoE only": {"corrupt": 0.5, "fusion": "poe"},
     "corruption / uniform weights": {"corrupt": 0.5, "fusion": "uniform"},
 }
+# The figure's panels (when measured; else every gated arm): without corruption, with it, with the consensus gate.
+FIGURE_ARMS = ("plain", "corruption", "corruption + consensus gate")
 SMALL_ARMS = ("plain", "corruption + consensus gate", "corruption / PoE only")
 # Default balance weights of the objective (PRETRAIN.GATE_IMPORTANCE, PRETRAIN.GATE_BALANCE_KL), scaled by an arm.
 BALANCE = {"gate_importance": 0.1, "gate_balance_kl": 0.3}
@@ -334,7 +336,8 @@ def _any_number(by_seed: dict, key: str) -> bool:
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Mean gate weight per expert, clean vs lead II corrupted, one panel per gated arm; False without matplotlib."""
+    """Mean gate weight per expert, clean vs lead II corrupted, one panel per arm of ``FIGURE_ARMS`` (first seed);
+    False without matplotlib."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -343,6 +346,8 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     gated = {a: runs[0] for a, runs in results.items() if runs[0]["switches"]["fusion"] == "gate"}
+    shown = [a for a in FIGURE_ARMS if a in gated]
+    gated = {a: gated[a] for a in shown} if shown else gated
     if not gated:
         return False
     names = [*CANONICAL_LEADS, "PoE"]
