@@ -539,7 +539,8 @@ def stage_pretrain(run: RunLayout, callbacks=()) -> bool:
     # Both loaders keep the short last batch (kale_ext.pipeline.pretrain.ECGPretrainDataModule): it is a step.
     warn_if_few_steps("pre-training", n_train, settings.batch_size, settings.epochs, False,
                       "PRETRAIN.EPOCHS, lower PRETRAIN.BATCH_SIZE or give more records")  # fmt: skip
-    lines = [] if settings.progress_bar else [EpochLogLine("pre-training")]  # a line per epoch instead of a bar
+    # A line per epoch instead of a bar; reconstruction r has its own readable line (kale_ext.pipeline.pretrain).
+    lines = [] if settings.progress_bar else [EpochLogLine("pre-training", skip=("recon_r", "gen_r_6to12"))]
     result = run_pretraining(
         model, make_objective(run), dataset, run.pretrain_dir, settings, build_args=args,
         leads=run.pretrain_leads, callbacks=[*lines, *callbacks], augment=make_augment(run),

@@ -27,12 +27,17 @@ class EpochLogLine(pl.Callback):
     Args:
         name: what is trained, at the start of the line (e.g. ``"pre-training"``).
         prefixes: only metrics whose names start with one of these are shown (default: every epoch metric).
+        skip: metrics whose names end with one of these are left out (those another line of the run log already
+            shows, e.g. pre-training's reconstruction r).
     """
 
-    def __init__(self, name: str = "training", prefixes: tuple[str, ...] = ("train/", "val/")) -> None:
+    def __init__(
+        self, name: str = "training", prefixes: tuple[str, ...] = ("train/", "val/"), skip: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.name = name
         self.prefixes = prefixes
+        self.skip = tuple(skip)
         self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -45,10 +50,11 @@ class EpochLogLine(pl.Callback):
             return
         parts = []
         for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step") or not key.startswith(self.prefixes):
+            name = key.removesuffix("_epoch")
+            if key.endswith("_step") or not key.startswith(self.prefixes) or (self.skip and name.endswith(self.skip)):
                 continue
             try:
-                parts.append(f"{key.removesuffix('_epoch')} {_format(float(value))}")
+                parts.append(f"{name} {_format(float(value))}")
             except (TypeError, ValueError):
                 continue
         elapsed = time.perf_counter() - self._start

@@ -91,6 +91,10 @@ def test_redirected_logs_have_no_bars_no_repeated_banners_and_a_line_per_epoch(r
     epochs = re.findall(r"pre-training epoch (\d)/2 \(\d+ steps", run["stdout"])
     assert epochs == ["1", "2"]
     assert (run["out"] / "run.log").read_text().count("pre-training epoch") == 2
+    # reconstruction r is said once per epoch, in its own line, not repeated in the metrics line
+    metric_lines = [line for line in run["stdout"].splitlines() if "pre-training epoch" in line]
+    assert metric_lines and not any("recon_r" in line or "gen_r_6to12" in line for line in metric_lines)
+    assert len(re.findall(r"epoch \d/2: recon r train", run["stdout"])) == 2
 
 
 def test_a_run_with_few_optimiser_steps_says_so_with_its_numbers(run):
