@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -138,6 +139,53 @@ def read_ptbxl(root: Path, fs: float, n_max: int | None) -> tuple[list, pd.DataF
         refs = [r for r in refs if r.record_id in keep]
         table = table[table.record_id.isin(keep)]
     return refs, table.reset_index(drop=True)
+
+
+class Records(NamedTuple):
+    """Every cached record (PTB-XL and the label-free sources) with its split."""
+
+    ds: ECGLeadDataset  # all records, 12 leads
+    ids: np.ndarray  # (N,) record ids, source-tagged
+    table: pd.DataFrame  # PTB-XL labels and folds, indexed by record_id
+    labelled: np.ndarray  # (N,) bool: a PTB-XL record
+    test: np.ndarray  # (N,) bool: a PTB-XL record of the held-out folds (TEST_FOLDS)
+    X: np.ndarray  # (N, 12, T) signals
+    pre_idx: np.ndarray  # indices of the label-free pre-training records (all but the held-out folds)
+    pre_ds: ECGLeadDataset  # those records
+    report: object  # the cache's preparation report (skipped records and why)
+
+
+def find_ptbxl(root: Path | None, ptbxl: Path | None) -> tuple[Path, Path] | None:
+    """(data root, PTB-XL root) from the command line's ``--root`` / ``--ptbxl``; None, said on stderr, if absent."""
+    root = root or default_root()
+    ptbxl = ptbxl or root / "ptbxl"
+    if not (ptbxl / "ptbxl_database.csv").is_file():
+        print(f"PTB-XL not found at {ptbxl} (need ptbxl_database.csv, scp_statements.csv, records100/); point "
+              "--ptbxl or --root at it (see ../shared/data/ecg/README.md)", file=sys.stderr)  # fmt: skip
+        return None
+    return root, ptbxl
+
+
+def load_records(root: Path, ptbxl: Path, fs: float, out: Path, n_ptbxl: int | None, n_extra: int | None) -> Records:
+    """PTB-XL and the label-free sources cached at ``fs`` Hz x 10 s under ``out``, split by ``strat_fold``."""
+    T = int(round(10 * fs))
+    refs, table = read_ptbxl(ptbxl, fs, n_ptbxl)
+    extra = read_unlabelled(root, fs, n_extra)
+    cache = out / f"cache_{int(fs)}hz_{T}"
+    report = prepare_ecg_cache(
+        refs + extra, cache, spec=PreprocessSpec(target_fs=fs, target_length=T), leads="12L", num_workers=1,
+        progress=False,
+    )  # fmt: skip
+    if report.n_skipped:
+        logger.warning("skipped %d records (reasons in %s/qc.csv)", report.n_skipped, cache)
+    ds = ECGLeadDataset(cache, "12L")
+    ids = np.asarray(ds.record_ids).astype(str)
+    table = table.set_index("record_id")
+    labelled = np.isin(ids, table.index)
+    test = labelled & np.isin(table["strat_fold"].reindex(ids).to_numpy(), TEST_FOLDS)
+    X = ds.get_batch(np.arange(len(ds)))["signals"].numpy()
+    pre_idx = np.flatnonzero(~test)  # label-free pre-training: everything but the held-out PTB-XL folds
+    return Records(ds, ids, table, labelled, test, X, pre_idx, ECGLeadDataset(cache, "12L", indices=pre_idx), report)
 
 
 def read_unlabelled(root: Path, fs: float, n_max: int | None) -> list:
@@ -248,12 +296,10 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    root = args.root or default_root()
-    ptbxl = args.ptbxl or root / "ptbxl"
-    if not (ptbxl / "ptbxl_database.csv").is_file():
-        print(f"PTB-XL not found at {ptbxl} (need ptbxl_database.csv, scp_statements.csv, records100/); point "
-              "--ptbxl or --root at it (see ../shared/data/ecg/README.md)", file=sys.stderr)  # fmt: skip
+    found = find_ptbxl(args.root, args.ptbxl)
+    if found is None:
         return 2
+    root, ptbxl = found
     preset = dict(PRESETS[args.preset])
     if args.epochs is not None:
         preset["epochs"] = args.epochs
@@ -278,25 +324,10 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script, sections marked
 
     # ---- 0. records and cache --------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    refs, table = read_ptbxl(ptbxl, fs, n_ptbxl)
-    extra = read_unlabelled(root, fs, n_extra)
-    cache = out / f"cache_{int(fs)}hz_{T}"
-    report = prepare_ecg_cache(
-        refs + extra, cache, spec=PreprocessSpec(target_fs=fs, target_length=T), leads="12L", num_workers=1,
-        progress=False,
-    )  # fmt: skip
-    if report.n_skipped:
-        logger.warning("skipped %d records (reasons in %s/qc.csv)", report.n_skipped, cache)
-    ds = ECGLeadDataset(cache, "12L")
-    ids = np.asarray(ds.record_ids).astype(str)
-    table = table.set_index("record_id")
-    labelled = np.isin(ids, table.index)
-    folds = table["strat_fold"].reindex(ids).to_numpy()
-    test = labelled & np.isin(folds, TEST_FOLDS)
+    records = load_records(root, ptbxl, fs, out, n_ptbxl, n_extra)
+    ids, table, labelled, test, X = records.ids, records.table, records.labelled, records.test, records.X
+    pre_idx, pre_ds, report = records.pre_idx, records.pre_ds, records.report
     train = labelled & ~test
-    X = ds.get_batch(np.arange(len(ds)))["signals"].numpy()
-    pre_idx = np.flatnonzero(~test)  # label-free pre-training: everything but the held-out PTB-XL folds
-    pre_ds = ECGLeadDataset(cache, "12L", indices=pre_idx)
     timings["records and cache"] = time.perf_counter() - t0
     logger.info("%d records: %d PTB-XL training, %d PTB-XL held out, %d other (pre-training only)", len(ids),
                 int(train.sum()), int(test.sum()), int((~labelled).sum()))  # fmt: skip

@@ -35,6 +35,7 @@ Exit code 2 when the data are absent.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import shutil
@@ -47,18 +48,15 @@ import torch
 
 from kale_ext.embed.zoo import build_model
 from kale_ext.evaluate.metrics import auroc
-from kale_ext.evaluate.probe import cross_validated_probe, frozen_features, make_probe
-from kale_ext.loaddata.ecg_dataset import ECGLeadDataset
+from kale_ext.evaluate.probe import cross_validated_probe, frozen_features, make_probe, present_mask
 from kale_ext.loaddata.leads import CANONICAL_LEADS, LIMB_LEADS
 from kale_ext.pipeline.pretrain import PretrainSettings, run_pretraining
-from kale_ext.predict.objectives import build_objective
+from kale_ext.predict.objectives import ELBOObjective, build_objective
 from kale_ext.prepdata.corruption import CORRUPTION_KINDS, LeadCorruption, corrupt_leads
-from kale_ext.prepdata.ecg_cache import prepare_ecg_cache
-from kale_ext.prepdata.ecg_transforms import PreprocessSpec
 from kale_ext.utils.console import script_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_efficiency import TASKS, TEST_FOLDS, default_root, read_ptbxl, read_unlabelled, score  # noqa: E402
+from label_efficiency import TASKS, find_ptbxl, load_records, score  # noqa: E402
 
 logger = logging.getLogger("lead_quality")
 
@@ -82,8 +80,8 @@ ARMS = {
 # The figure's panels (when measured; else every gated arm): without corruption, with it, with the consensus gate.
 FIGURE_ARMS = ("plain", "corruption", "corruption + consensus gate")
 SMALL_ARMS = ("plain", "corruption + consensus gate", "corruption / PoE only")
-# Default balance weights of the objective (PRETRAIN.GATE_IMPORTANCE, PRETRAIN.GATE_BALANCE_KL), scaled by an arm.
-BALANCE = {"gate_importance": 0.1, "gate_balance_kl": 0.3}
+# The objective's default balance coefficients (PRETRAIN.GATE_IMPORTANCE, PRETRAIN.GATE_BALANCE_KL), scaled by an arm.
+BALANCE = {k: inspect.signature(ELBOObjective).parameters[k].default for k in ("gate_importance", "gate_balance_kl")}
 
 
 def arm_slug(arm: str) -> str:
@@ -118,17 +116,17 @@ def pretrain_arm(arm: str, dataset, out: Path, preset: dict, seed: int) -> torch
     return model.eval()
 
 
+def _mask(names, n: int) -> torch.Tensor:
+    return present_mask(CANONICAL_LEADS, names, n)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Gate and posterior measurements (on the model's input unit, one window per record)
 # ---------------------------------------------------------------------------------------------------------------------
-def _present(names, n: int) -> torch.Tensor:
-    return torch.tensor([lead in names for lead in CANONICAL_LEADS]).expand(n, -1).clone()
-
-
 @torch.no_grad()
 def gate_response(model, x: torch.Tensor, present, seed: int) -> dict:
     """Per corruption kind: share of records whose corrupted lead's weight < 1/3 of its clean weight, median ratio."""
-    mask = _present(present, len(x))
+    mask = _mask(present, len(x))
     clean = model(x, mask=mask, sample=False).fusion.weights  # (13, B): 12 leads + the PoE expert
     result = {}
     for k, kind in enumerate(CORRUPTION_KINDS):
@@ -152,7 +150,7 @@ def gate_response(model, x: torch.Tensor, present, seed: int) -> dict:
 @torch.no_grad()
 def figure_weights(model, x: torch.Tensor, seed: int) -> dict:
     """Mean weight per expert (12 leads + PoE), clean and with lead II corrupted (each kind) in every record."""
-    mask = _present(CANONICAL_LEADS, len(x))
+    mask = _mask(CANONICAL_LEADS, len(x))
     only_ii = torch.zeros_like(mask)
     only_ii[:, CANONICAL_LEADS.index("II")] = True
     out = {"clean": model(x, mask=mask, sample=False).fusion.weights.mean(1).tolist()}
@@ -165,8 +163,8 @@ def figure_weights(model, x: torch.Tensor, seed: int) -> dict:
 @torch.no_grad()
 def six_lead_shift(model, x: torch.Tensor) -> dict:
     """Distance of the 6-limb-lead fused mean from the 12-lead one: share of between-record variance, centred cosine."""
-    mu12 = model(x, mask=_present(CANONICAL_LEADS, len(x)), sample=False).fusion.mean
-    mu6 = model(x, mask=_present(LIMB_LEADS, len(x)), sample=False).fusion.mean
+    mu12 = model(x, mask=_mask(CANONICAL_LEADS, len(x)), sample=False).fusion.mean
+    mu6 = model(x, mask=_mask(LIMB_LEADS, len(x)), sample=False).fusion.mean
     variance = (mu12 - mu12.mean(0)).square().sum(1).mean().clamp_min(1e-12)
     a, b = mu12 - mu12.mean(0), mu6 - mu6.mean(0)
     return {
@@ -181,7 +179,7 @@ def six_lead_shift(model, x: torch.Tensor) -> dict:
 def corrupted_records(x: np.ndarray, kind: str, seed: int) -> np.ndarray:
     """Whole records with one limb lead per record corrupted by ``kind`` (the lead drawn with ``seed``)."""
     xt = torch.as_tensor(x)
-    limb = _present(LIMB_LEADS, len(xt))
+    limb = _mask(LIMB_LEADS, len(xt))
     return corrupt_leads(
         xt, limb, prob=1.0, kinds=[kind], generator=torch.Generator().manual_seed(seed)
     ).signals.numpy()
@@ -457,12 +455,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     script_logging()
     torch.set_num_threads(args.threads)
-    root = args.root or default_root()
-    ptbxl = args.ptbxl or root / "ptbxl"
-    if not (ptbxl / "ptbxl_database.csv").is_file():
-        print(f"PTB-XL not found at {ptbxl} (need ptbxl_database.csv, scp_statements.csv, records100/); point "
-              "--ptbxl or --root at it (see ../shared/data/ecg/README.md)", file=sys.stderr)  # fmt: skip
+    found = find_ptbxl(args.root, args.ptbxl)
+    if found is None:
         return 2
+    root, ptbxl = found
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -475,29 +471,14 @@ def main(argv=None) -> int:
         preset["epochs"] = 1
         arms = [a for a in arms if a in SMALL_ARMS]
     fs = preset["fs"]
-    T = int(round(10 * fs))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    refs, table = read_ptbxl(ptbxl, fs, n_ptbxl)
-    extra = read_unlabelled(root, fs, n_extra)
-    cache = out / f"cache_{int(fs)}hz_{T}"
-    report = prepare_ecg_cache(refs + extra, cache, spec=PreprocessSpec(target_fs=fs, target_length=T), leads="12L",
-                               num_workers=1, progress=False)  # fmt: skip
-    if report.n_skipped:
-        logger.warning("skipped %d records (reasons in %s/qc.csv)", report.n_skipped, cache)
-    ds = ECGLeadDataset(cache, "12L")
-    ids = np.asarray(ds.record_ids).astype(str)
-    table = table.set_index("record_id")
-    labelled = np.isin(ids, table.index)
-    lab_idx = np.flatnonzero(labelled)
-    X_all = ds.get_batch(np.arange(len(ds)))["signals"].numpy()
-    lab_table = table.reindex(ids[lab_idx]).reset_index()
-    folds = lab_table["strat_fold"].to_numpy()
-    test = np.isin(folds, TEST_FOLDS)
+    records = load_records(root, ptbxl, fs, out, n_ptbxl, n_extra)
+    lab_idx = np.flatnonzero(records.labelled)  # the labelled PTB-XL records; the rest are label-free
+    lab_table = records.table.reindex(records.ids[lab_idx]).reset_index()
+    test = records.test[lab_idx]
     dev = ~test
-    pre_idx = np.flatnonzero(~(labelled & np.isin(table["strat_fold"].reindex(ids).to_numpy(), TEST_FOLDS)))
-    pre_ds = ECGLeadDataset(cache, "12L", indices=pre_idx)
-    X = X_all[lab_idx]
+    X, pre_idx, pre_ds = records.X[lab_idx], records.pre_idx, records.pre_ds
     logger.info(
         "%d pre-training records; %d PTB-XL development, %d test", len(pre_idx), int(dev.sum()), int(test.sum())
     )

@@ -30,6 +30,14 @@ def cinc_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_ecg_with_ptbxl() -> Path:
+    """``../shared/data/ecg`` holding PTB-XL (``ptbxl/ptbxl_database.csv``), LUDB and CinC; skips when absent."""
+    if not (SHARED_ECG / "ptbxl" / "ptbxl_database.csv").is_file():
+        pytest.skip("PTB-XL not found at ../shared/data/ecg/ptbxl")
+    return SHARED_ECG
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Seed torch for every test and keep CPU threads modest (CI has 2 cores)."""

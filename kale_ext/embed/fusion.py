@@ -311,9 +311,8 @@ def consensus_disagreement(mean: Tensor, log_var: Tensor, mask: Tensor, pool: in
     """
     mean, log_var = mean.float(), log_var.float()
     k = mean.shape[0]
-    in_pool = torch.zeros(k, device=mean.device, dtype=torch.bool)
-    in_pool[:pool] = True
-    member = (mask & in_pool.unsqueeze(1)).float()  # (K, B)
+    member = mask.float()  # (K, B): present pool experts
+    member[pool:] = 0.0
     precision = torch.exp(-log_var) * member.unsqueeze(-1)  # 0 outside the pool and for absent experts
     others = 1.0 - torch.eye(k, device=mean.device)  # others[j, k] = 1 for j != k (sums, not differences: exact)
     other_p = torch.einsum("jk,jbd->kbd", others, precision)

@@ -461,7 +461,8 @@ class ArraySignals(Dataset):
         return {"signals": self.x[i], "mask": torch.ones(self.x.shape[1], dtype=torch.bool), "label": self.y[i]}
 
 
-def _present_mask(input_leads: Sequence[str], present: Sequence[str], n: int) -> torch.Tensor:
+def present_mask(input_leads: Sequence[str], present: Sequence[str], n: int) -> torch.Tensor:
+    """(n, len(input_leads)) bool, True for the channels named in ``present`` (the same for every record)."""
     keep = torch.tensor([lead in present for lead in input_leads], dtype=torch.bool)
     return keep.expand(n, -1).clone()
 
@@ -494,7 +495,7 @@ def frozen_features(
     out = []
     for s in range(0, len(x), batch_size):
         xb = torch.as_tensor(np.asarray(x[s : s + batch_size]), dtype=torch.float32)
-        out.append(ext(xb, _present_mask(input_leads, present, len(xb))).numpy())
+        out.append(ext(xb, present_mask(input_leads, present, len(xb))).numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -514,5 +515,5 @@ def classifier_probability(
         float array (N,).
     """
     xb = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    mask = _present_mask(input_leads, input_leads if present is None else present, len(xb))
+    mask = present_mask(input_leads, input_leads if present is None else present, len(xb))
     return torch.softmax(net.eval()(xb, mask).float(), dim=1)[:, 1].numpy()

@@ -1,21 +1,12 @@
 """The label-efficiency benchmark: missing-data exit code, label draws, and a --small run on the real records."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-import pytest
 from helpers.scripts import load_benchmark
 
 
 def _module():
     return load_benchmark("label_efficiency")
-
-
-def _root() -> Path | None:
-    here = Path(__file__).resolve().parents[2]
-    candidate = here.parent / "shared" / "data" / "ecg"
-    return candidate if (candidate / "ptbxl" / "ptbxl_database.csv").is_file() else None
 
 
 def test_missing_data_exits_with_code_2(tmp_path, capsys):
@@ -37,10 +28,8 @@ def test_fraction_draws_are_stratified_nested_sizes_and_seeded():
     assert (rare[draw(rare, 0.1, 0)] == 1).sum() == 2  # at least two of a rare class
 
 
-def test_small_run_writes_tables_and_figures(tmp_path):
-    root = _root()
-    if root is None:
-        pytest.skip("PTB-XL not found at ../shared/data/ecg/ptbxl")
+def test_small_run_writes_tables_and_figures(tmp_path, shared_ecg_with_ptbxl):
+    root = shared_ecg_with_ptbxl
     out = tmp_path / "out"
     assert _module().main(["--small", "--root", str(root), "--out", str(out), "--n-boot", "50"]) == 0
     rows = pd.read_csv(out / "label_efficiency.csv")

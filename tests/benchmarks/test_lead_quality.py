@@ -3,9 +3,7 @@ real records that writes every figure and table it promises."""
 
 import json
 import math
-from pathlib import Path
 
-import pytest
 from helpers.scripts import load_benchmark
 
 
@@ -13,20 +11,15 @@ def _module():
     return load_benchmark("lead_quality")
 
 
-def _root() -> Path | None:
-    here = Path(__file__).resolve().parents[2]
-    candidate = here.parent / "shared" / "data" / "ecg"
-    return candidate if (candidate / "ptbxl" / "ptbxl_database.csv").is_file() else None
-
-
-def test_missing_data_and_unknown_arms_exit_with_code_2(tmp_path, capsys):
-    module = _module()
-    assert module.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+def test_missing_data_exits_with_code_2(tmp_path, capsys):
+    assert _module().main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "PTB-XL not found" in capsys.readouterr().err
-    root = _root()
-    if root is not None:
-        assert module.main(["--root", str(root), "--arms", "plain,nonsense", "--out", str(tmp_path / "o")]) == 2
-        assert "unknown arms" in capsys.readouterr().err
+
+
+def test_unknown_arms_exit_with_code_2(tmp_path, capsys, shared_ecg_with_ptbxl):
+    root = shared_ecg_with_ptbxl
+    assert _module().main(["--root", str(root), "--arms", "plain,nonsense", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown arms" in capsys.readouterr().err
 
 
 def test_arms_differ_from_the_preset_in_one_named_switch_each():
@@ -39,10 +32,8 @@ def test_arms_differ_from_the_preset_in_one_named_switch_each():
         assert set(switches) <= set(module._BASE)
 
 
-def test_small_run_measures_gate_posterior_and_downstream(tmp_path):
-    root = _root()
-    if root is None:
-        pytest.skip("PTB-XL not found at ../shared/data/ecg/ptbxl")
+def test_small_run_measures_gate_posterior_and_downstream(tmp_path, shared_ecg_with_ptbxl):
+    root = shared_ecg_with_ptbxl
     module = _module()
     out = tmp_path / "out"
     assert module.main(["--small", "--root", str(root), "--out", str(out), "--n-boot", "50"]) == 0
